@@ -1,0 +1,65 @@
+"""A pruning plan: the part of a recipe the runtime executes (how many tokens, chosen how)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .selection import SelectionRule
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """Visual tokens kept entering each decoder layer, and the rule that picks them.
+
+    `counts` apply to images with exactly `visual_tokens` visual tokens; other images (e.g. a
+    different resolution) use `fractions` of their own count, rounded and kept non-increasing.
+    `score_layer` says whose attention ranks the drop at layer l: "same" (layer l) or
+    "previous" (layer l-1, FastV-style).
+    """
+
+    counts: tuple[int, ...]
+    visual_tokens: int
+    rule: SelectionRule
+    score_layer: str = "same"
+
+    def __post_init__(self) -> None:
+        if self.score_layer not in ("same", "previous"):
+            raise ValueError(f"score_layer must be 'same' or 'previous', not {self.score_layer!r}")
+        if any(b > a for a, b in zip(self.counts, self.counts[1:])):
+            raise ValueError("schedule increases with depth: visual tokens kept must never grow")
+        if any(c < 0 or c > self.visual_tokens for c in self.counts):
+            raise ValueError(f"schedule counts must lie in [0, {self.visual_tokens}]")
+        if self.score_layer == "previous" and self.counts and self.counts[0] < self.visual_tokens:
+            raise ValueError("score_layer 'previous' cannot drop at layer 0: there is no earlier layer")
+
+    @property
+    def fractions(self) -> tuple[float, ...]:
+        return tuple(c / self.visual_tokens for c in self.counts)
+
+    def counts_for(self, n_visual: int) -> list[int]:
+        """Per-layer counts for an image that gives `n_visual` tokens."""
+        if n_visual == self.visual_tokens:
+            return list(self.counts)
+        out: list[int] = []
+        for f in self.fractions:
+            c = min(n_visual, round(f * n_visual))
+            out.append(min(c, out[-1]) if out else c)
+        return out
+
+    @classmethod
+    def keep_all(cls, num_layers: int, visual_tokens: int, rule: SelectionRule) -> "PruningPlan":
+        return cls(tuple([visual_tokens] * num_layers), visual_tokens, rule)
+
+
+def schedule_from_drops(num_layers: int, visual_tokens: int, drops: dict[int, int]) -> tuple[int, ...]:
+    """Counts per layer from {layer: tokens kept from that layer on}, e.g. FastV's {2: 72}."""
+    counts, current = [], visual_tokens
+    for layer in range(num_layers):
+        current = min(current, drops.get(layer, current))
+        counts.append(current)
+    return tuple(counts)
+
+
+def validate_counts(counts: Sequence[int], num_layers: int) -> None:
+    if len(counts) != num_layers:
+        raise ValueError(f"schedule has {len(counts)} layers, the model has {num_layers}")

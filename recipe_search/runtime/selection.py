@@ -1,0 +1,172 @@
+"""Selection rules: which visual tokens survive at a layer, given how many may.
+
+A rule only scores the live visual tokens (higher = keep); the applier takes the top-k. Rules
+read attention through `ScoreContext`, which recomputes just the rows they need from the layer's
+own projections, so the model keeps running SDPA. Rules are registered by name and recorded with
+their parameters in every recipe.
+"""
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..models.base import ModelAdapter
+
+
+@dataclass
+class ScoreContext:
+    """What a rule may look at: one layer's input for the live tokens of a batch (all (B, Lc, ...))."""
+
+    adapter: ModelAdapter
+    layer: nn.Module
+    layer_idx: int
+    hidden: torch.Tensor      # (B, Lc, d) input of `layer`
+    cos: torch.Tensor         # (B, Lc, dh)
+    sin: torch.Tensor
+    cols: torch.Tensor        # (B, Lc) original column of each live token
+    visual: torch.Tensor      # (B, Lc) bool, same count per row
+    key_ok: torch.Tensor      # (B, Lc) bool, False on padding
+    prompt_end: int           # columns >= prompt_end are not part of the prompt (generated tokens)
+    row_keys: list[int]       # a stable per-row identity (prompt content), for seeded rules
+    _qk: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def num_visual(self) -> int:
+        return int(self.visual[0].sum())
+
+    def visual_positions(self) -> torch.Tensor:
+        """(B, n_vis) indices of the live visual tokens in the current sequence, in order."""
+        return self.visual.nonzero()[:, 1].view(self.visual.shape[0], -1)
+
+    def query_key(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._qk is None:
+            self._qk = self.adapter.query_key(self.layer, self.hidden, self.cos, self.sin)
+        return self._qk
+
+    def attention(self, rows: torch.Tensor) -> torch.Tensor:
+        """Softmax attention (B, H, R, Lc) of query rows `rows` (B, R), causal and padding masked."""
+        q, k = self.query_key()
+        q_rows = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+        logits = (q_rows.float() @ k.float().transpose(-1, -2)) * self.layer.self_attn.scaling
+        row_cols = self.cols.gather(1, rows)
+        allowed = self.key_ok[:, None, :] & (self.cols[:, None, :] <= row_cols[:, :, None])
+        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+    def last_prompt_row(self) -> torch.Tensor:
+        """(B, 1) index of the last prompt token (the query FastV and G-Search rank by)."""
+        return (self.cols == self.prompt_end - 1).float().argmax(dim=1, keepdim=True)
+
+    def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices (B, T) of the prompt tokens after the image, and a validity mask (B, T)."""
+        vis_cols = self.cols.masked_fill(~self.visual, -1)
+        last_visual = vis_cols.max(dim=1, keepdim=True).values
+        after = (self.cols > last_visual) & (self.cols < self.prompt_end) & self.key_ok & ~self.visual
+        count = after.sum(dim=1)
+        width = int(count.max())
+        order = torch.sort((~after).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        valid = torch.arange(width, device=count.device)[None, :] < count[:, None]
+        return order, valid
+
+
+class SelectionRule(ABC):
+    """Scores live visual tokens; registered by `name`, parameters recorded in the recipe."""
+
+    name: ClassVar[str]
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    @abstractmethod
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        """(B, n_vis) scores of the live visual tokens, in sequence order; higher means keep."""
+
+
+def _reduce_heads(probs: torch.Tensor, how: str) -> torch.Tensor:
+    return probs.amax(dim=1) if how == "max" else probs.mean(dim=1)
+
+
+class AttentionRule(SelectionRule):
+    """FastV-style: head-mean attention that the last prompt token (or all post-image text) pays."""
+
+    name = "attention"
+
+    def __init__(self, query: str = "last", heads: str = "mean") -> None:
+        if query not in ("last", "text"):
+            raise ValueError(f"attention rule: query must be 'last' or 'text', not {query!r}")
+        if heads not in ("mean", "max"):
+            raise ValueError(f"attention rule: heads must be 'mean' or 'max', not {heads!r}")
+        self.query, self.heads = query, heads
+
+    def params(self) -> dict[str, Any]:
+        return {"query": self.query, "heads": self.heads}
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        vis = ctx.visual_positions()
+        if self.query == "last":
+            probs = _reduce_heads(ctx.attention(ctx.last_prompt_row()), self.heads)[:, 0]
+        else:
+            rows, valid = ctx.text_rows()
+            per_row = _reduce_heads(ctx.attention(rows), self.heads) * valid[..., None]
+            probs = per_row.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+        return probs.gather(1, vis)
+
+
+class FitPruneRule(SelectionRule):
+    """FitPrune's inference score: text->visual mass times visual->visual mass (head-max maps)."""
+
+    name = "fitprune"
+
+    def __init__(self, heads: str = "max") -> None:
+        if heads not in ("mean", "max"):
+            raise ValueError(f"fitprune rule: heads must be 'mean' or 'max', not {heads!r}")
+        self.heads = heads
+
+    def params(self) -> dict[str, Any]:
+        return {"heads": self.heads}
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        vis = ctx.visual_positions()
+        rows, valid = ctx.text_rows()
+        text = _reduce_heads(ctx.attention(rows), self.heads) * valid[..., None]
+        cross = text.sum(1).gather(1, vis) / valid.sum(1, keepdim=True).clamp(min=1)
+        selfv = _reduce_heads(ctx.attention(vis), self.heads).sum(1).gather(1, vis) / vis.shape[1]
+        return cross * selfv
+
+
+class RandomRule(SelectionRule):
+    """Uniform draws, seeded per (seed, sample, layer): the baseline every rule must beat."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+
+    def params(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        rows = []
+        for key in ctx.row_keys:
+            digest = hashlib.sha256(f"{self.seed}:{key}:{ctx.layer_idx}".encode()).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+            rows.append(torch.rand(ctx.num_visual, generator=gen))
+        return torch.stack(rows).to(ctx.hidden.device)
+
+
+RULES: dict[str, type[SelectionRule]] = {r.name: r for r in (AttentionRule, FitPruneRule, RandomRule)}
+
+
+def make_rule(name: str, params: dict[str, Any] | None = None) -> SelectionRule:
+    """Build a registered rule; a one-line error names the known ones or the bad parameter."""
+    if name not in RULES:
+        raise ValueError(f"unknown selection rule {name!r}; known: {', '.join(sorted(RULES))}")
+    try:
+        return RULES[name](**(params or {}))
+    except TypeError as exc:
+        raise ValueError(f"selection rule {name!r}: bad parameters {params!r} ({exc})") from None
