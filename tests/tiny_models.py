@@ -59,3 +59,20 @@ def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2VLForConditionalGen
     model = Qwen2VLForConditionalGeneration(config).eval()
     model.set_attn_implementation(attn)
     return model
+
+
+def qwen_inputs(batch_prompts: list[list[int]], grid: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Processor-free Qwen2-VL inputs: <|vision_start|> + (grid/2)^2 image pads + <|vision_end|>."""
+    gen = torch.Generator().manual_seed(seed)
+    n_image = (grid // 2) ** 2
+    rows = [[1, 9] + [IMAGE_TOKEN] * n_image + [10] + p for p in batch_prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    patches = torch.randn(len(rows) * grid * grid, 3 * 2 * 4 * 4, generator=gen)
+    thw = torch.tensor([[1, grid, grid]] * len(rows))
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": patches, "image_grid_thw": thw,
+            "mm_token_type_ids": (ids == IMAGE_TOKEN).long()}
