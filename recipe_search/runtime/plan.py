@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
 from .selection import SelectionRule
 
 
@@ -59,7 +57,3 @@ def schedule_from_drops(num_layers: int, visual_tokens: int, drops: dict[int, in
         counts.append(current)
     return tuple(counts)
 
-
-def validate_counts(counts: Sequence[int], num_layers: int) -> None:
-    if len(counts) != num_layers:
-        raise ValueError(f"schedule has {len(counts)} layers, the model has {num_layers}")

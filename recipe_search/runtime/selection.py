@@ -130,12 +130,18 @@ class FitPruneRule(SelectionRule):
     def params(self) -> dict[str, Any]:
         return {"heads": self.heads}
 
-    def score(self, ctx: ScoreContext) -> torch.Tensor:
+    def components(self, ctx: ScoreContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross, self), each (B, n_vis): mean attention from post-image prompt text to each visual
+        token, and the attention each visual token receives from the visual tokens, over n_vis."""
         vis = ctx.visual_positions()
         rows, valid = ctx.text_rows()
         text = _reduce_heads(ctx.attention(rows), self.heads) * valid[..., None]
         cross = text.sum(1).gather(1, vis) / valid.sum(1, keepdim=True).clamp(min=1)
         selfv = _reduce_heads(ctx.attention(vis), self.heads).sum(1).gather(1, vis) / vis.shape[1]
+        return cross, selfv
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        cross, selfv = self.components(ctx)
         return cross * selfv
 
 

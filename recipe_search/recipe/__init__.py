@@ -1,0 +1,18 @@
+"""Recipes: the portable JSON file a search writes and the runtime applies."""
+from .io import load_recipe, recipe_from_dict, save_recipe, write_atomic
+from .schema import (
+    FORMAT,
+    FORMAT_VERSION,
+    BudgetRecord,
+    CalibrationRecord,
+    MethodRecord,
+    ModelIdentity,
+    Recipe,
+    RecipeError,
+    Schedule,
+    Selection,
+)
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "BudgetRecord", "CalibrationRecord", "MethodRecord", "ModelIdentity",
+           "Recipe", "RecipeError", "Schedule", "Selection", "load_recipe", "recipe_from_dict", "save_recipe",
+           "write_atomic"]

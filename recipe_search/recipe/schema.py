@@ -1,0 +1,95 @@
+"""The recipe: a portable, versioned JSON record of what to prune, found how, for which model.
+
+Every field is plain JSON. Loading checks each one and names the first bad field, so a recipe
+that was hand-edited or truncated fails with one clear line instead of pruning wrongly.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT = "recipe-search/recipe"
+FORMAT_VERSION = 1
+
+
+class RecipeError(ValueError):
+    """A recipe file or object that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name_or_path: str
+    family: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    visual_tokens_per_image: int | None
+    fingerprint: str
+
+    def architecture_key(self) -> tuple:
+        """Everything but the name and weights: two checkpoints with equal keys can share a recipe."""
+        d = asdict(self)
+        return tuple(v for k, v in sorted(d.items()) if k not in ("name_or_path", "fingerprint"))
+
+
+@dataclass(frozen=True)
+class BudgetRecord:
+    asked: str                      # as the user typed it
+    kind: str                       # "flops" or "tokens"
+    value: float
+    formula: str                    # the formula a FLOPs budget is measured with
+    achieved: dict[str, float]      # {"full": f, "visual": f, "mean_visual_tokens": t}
+    formulas: dict[str, str]        # formula id -> exact definition
+    text_tokens_mean: float         # mean non-visual tokens of the calibration prompts (n for "full")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    visual_tokens: int              # N the counts refer to
+    counts: list[int]               # visual tokens kept entering each decoder layer
+    fractions: list[float]          # counts / N, for images with another token count
+
+
+@dataclass(frozen=True)
+class Selection:
+    rule: str
+    params: dict[str, Any]
+    score_layer: str                # "same" or "previous"
+
+
+@dataclass(frozen=True)
+class MethodRecord:
+    name: str
+    params: dict[str, Any]
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    source: str
+    num_samples: int
+    data_hash: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelIdentity
+    budget: BudgetRecord
+    schedule: Schedule
+    selection: Selection
+    method: MethodRecord
+    calibration: CalibrationRecord
+    tool_version: str
+    created: str
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        # The two header fields first, so `head recipe.json` tells what the file is.
+        return {"format": d.pop("format"), "format_version": d.pop("format_version"), **d}
