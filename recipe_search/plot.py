@@ -28,6 +28,8 @@ def plot_retention(recipes: Sequence[Recipe], path: str | Path, labels: Sequence
     labels = list(labels) if labels else [recipe_label(r) for r in recipes]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     n_max = max(r.schedule.visual_tokens for r in recipes)
+    depth = max(len(r.schedule.counts) for r in recipes)
+    ax.plot([0, depth], [n_max, n_max], color="grey", linestyle="--", linewidth=1, label="unpruned")
     for recipe, label in zip(recipes, labels):
         counts = recipe.schedule.counts
         layers = list(range(len(counts) + 1))
@@ -35,7 +37,7 @@ def plot_retention(recipes: Sequence[Recipe], path: str | Path, labels: Sequence
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("visual tokens kept entering the layer")
     ax.set_ylim(0, n_max * 1.05)
-    ax.set_xlim(0, max(len(r.schedule.counts) for r in recipes))
+    ax.set_xlim(0, depth)
     ax.grid(alpha=0.3)
     frac = ax.secondary_yaxis("right", functions=(lambda y: y / n_max, lambda f: f * n_max))
     frac.set_ylabel("fraction kept")

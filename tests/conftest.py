@@ -18,3 +18,16 @@ def llava_sdpa():
 def llava_eager():
     from tiny_models import tiny_llava
     return tiny_llava("eager")
+
+
+@pytest.fixture(scope="session")
+def random_demo():
+    """The demo architecture with untrained weights: real processor and chat template, no training needed."""
+    from recipe_search.demo import build
+    from recipe_search.models import get_adapter
+
+    tokenizer = build.build_tokenizer()
+    processor = build.build_processor(tokenizer)
+    torch.manual_seed(0)
+    model = build.build_model(tokenizer).eval()
+    return model, processor, get_adapter(model)

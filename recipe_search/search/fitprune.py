@@ -54,8 +54,8 @@ def fit_schedule(stats: CalibrationStats, alpha: float, layer_cost: np.ndarray, 
                  start_layer: int = 0) -> tuple[int, ...]:
     """The schedule FitPrune's fit gives for one alpha; `limit` is the allowed total cost."""
     samples, layers, n_vis = stats.cross.shape
-    w_cross = stats.cross_mass() * (1 - alpha)   # (S, L) mass that must survive
-    w_self = stats.self_mass() * (1 - alpha)
+    w_cross = stats.cross_mass().astype(np.float64) * (1 - alpha)   # (S, L) mass that must survive
+    w_self = stats.self_mass().astype(np.float64) * (1 - alpha)
     live = np.ones((samples, n_vis), dtype=bool)
     current, spent, counts = n_vis, 0.0, []
     for layer in range(layers):
@@ -63,7 +63,7 @@ def fit_schedule(stats: CalibrationStats, alpha: float, layer_cost: np.ndarray, 
             counts += [current] * (layers - layer)
             break
         if layer >= start_layer and current > 0:
-            c, v = stats.cross[:, layer], stats.selfv[:, layer]
+            c, v = stats.cross[:, layer].astype(np.float64), stats.selfv[:, layer].astype(np.float64)
             score = np.where(live, c * v, -np.inf)
             order = np.argsort(score, axis=1, kind="stable")
             c_sorted = np.take_along_axis(np.where(live, c, 0.0), order, 1)
@@ -74,7 +74,8 @@ def fit_schedule(stats: CalibrationStats, alpha: float, layer_cost: np.ndarray, 
                 [np.zeros((samples, 1)), np.cumsum(c_sorted, 1)], 1)[:, dead:]
             rem_v = v_sorted.sum(1, keepdims=True) - np.concatenate(
                 [np.zeros((samples, 1)), np.cumsum(v_sorted, 1)], 1)[:, dead:]
-            ok = (rem_c >= w_cross[:, layer, None] - 1e-12) & (rem_v >= w_self[:, layer, None] - 1e-12)
+            slack = 1e-9  # float rounding of the cumulative sums must not block removing everything at alpha=1
+            ok = (rem_c >= w_cross[:, layer, None] - slack) & (rem_v >= w_self[:, layer, None] - slack)
             removable = ok.cumprod(axis=1).sum(axis=1) - 1  # largest k that keeps both masses
             k = int(np.floor(np.mean(np.maximum(removable, 0))))
             if k:
@@ -111,7 +112,7 @@ def search_fitprune(stats: CalibrationStats, budget: Budget, costs: CostModel, *
         mid = (lo + hi) / 2
         counts = fit_schedule(stats, mid, layer_cost, limit, start_layer)
         ok = feasible(counts)
-        trace.append({"alpha": round(mid, 6), "achieved": round(budget.achieved(counts, costs), 6), "feasible": ok})
+        trace.append({"alpha": mid, "achieved": budget.achieved(counts, costs), "feasible": ok})
         if ok:
             hi, best, best_alpha = mid, counts, mid
         else:
