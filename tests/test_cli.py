@@ -1,0 +1,70 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from recipe_search import load_recipe
+from recipe_search.cli import main
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory, random_demo):
+    model, processor, _ = random_demo
+    folder = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _one_line_error(capsys, code, message):
+    out = capsys.readouterr()
+    assert code == 2
+    assert message in out.err
+    assert "Traceback" not in out.err and out.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--budget", "150%"], "budget '150%' is out of range"),
+    (["--budget", "lots"], "budget 'lots' is not understood"),
+    (["--model", "/no/such/model"], "model '/no/such/model' not found locally"),
+    (["--num-samples", "0"], "must be positive"),
+])
+def test_bad_input_is_one_line(capsys, argv, message):
+    _one_line_error(capsys, main(argv), message)
+
+
+def test_plot_of_malformed_recipe(tmp_path, capsys):
+    bad = tmp_path / "r.json"
+    bad.write_text("{not json")
+    _one_line_error(capsys, main(["plot", str(bad)]), "malformed JSON at line 1")
+
+
+def test_help_teaches():
+    out = subprocess.run([sys.executable, "-m", "recipe_search.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for needle in ("--budget", "64tok", "examples:", "full sequence", "plot RECIPE"):
+        assert needle in out.stdout
+
+
+def test_search_end_to_end_and_cache(random_checkpoint, tmp_path, capsys):
+    argv = ["--model", str(random_checkpoint), "--budget", "50%,25%", "--num-samples", "8", "--eval", "demo",
+            "--eval-samples", "16", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    recipes = sorted((tmp_path / "out").glob("*.json"))
+    assert [p.name for p in recipes] == ["ckpt0-fitprune-25pct.json", "ckpt0-fitprune-50pct.json"]
+    for path, budget in zip(recipes, (0.25, 0.5)):
+        recipe = load_recipe(path)
+        assert recipe.budget.achieved["full"] <= budget
+        assert "pruned" in out and f"{recipe.budget.achieved['full']:.1%}" in out
+    assert (tmp_path / "out" / "ckpt0-fitprune-retention.png").stat().st_size > 1000
+    assert "held-out accuracy (demo:eval, 16 q)" in out and "prefill wall-clock" in out
+    assert "statistics computed and cached" in out
+    assert main(argv + ["--eval", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "statistics from cache" in out and "held-out accuracy" not in out
+    png = tmp_path / "both.png"
+    assert main(["plot", *map(str, recipes), "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
+    assert json.loads(recipes[0].read_text())["format"] == "recipe-search/recipe"
