@@ -36,14 +36,17 @@ def _search_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--budget", default="50%",
                    help="compute budget(s), comma-separated: 50%%, 0.5 or 64tok (default: 50%%)")
-    p.add_argument("--method", default="fitprune", choices=["fitprune"], help="search method (default: fitprune)")
+    p.add_argument("--method", default="fitprune", choices=["fitprune", "fastv", "uniform"],
+                   help="search method: fitprune (default), or the baselines fastv (one drop at layer 2) "
+                        "and uniform (same count at every layer)")
     p.add_argument("--model", default="demo",
                    help="'demo' (the embedded model) or a local Hugging Face checkpoint folder / cached hub id")
     p.add_argument("--calib", default="demo", help="calibration data: 'demo', a .jsonl file or a dataset folder")
     p.add_argument("--num-samples", type=int, default=64, help="calibration samples (default: 64)")
     p.add_argument("--formula", default="full", choices=["full", "visual"],
                    help="FLOPs formula a percentage budget is measured with (default: full)")
-    p.add_argument("--start-layer", type=int, default=0, help="first decoder layer that may drop tokens (default: 0)")
+    p.add_argument("--start-layer", type=int, default=None,
+                   help="first decoder layer that may drop tokens (default: 0; 2 for fastv)")
     p.add_argument("--out", default="search-recipe-out", help="folder for recipes and plot (default: ./search-recipe-out)")
     p.add_argument("--plot", default=None, help="PNG path of the retention plot (default: in --out)")
     p.add_argument("--eval", default=None,
@@ -105,6 +108,7 @@ def _run_search(argv: Sequence[str]) -> int:
     from .plot import plot_retention
     from .recipe import save_recipe
     from .runtime.apply import plan_from_recipe
+    from .search import DEFAULT_START_LAYER
 
     is_demo = args.model == "demo"
     threads = args.threads or (1 if is_demo else None)
@@ -119,7 +123,8 @@ def _run_search(argv: Sequence[str]) -> int:
     model, processor, adapter = load_model(source, attn_implementation=args.attn)
     loaded = LoadedModel(model, processor, adapter, "demo" if is_demo else str(args.model))
     calib = load_samples(args.calib, args.num_samples, split="calib")
-    outcome = search_recipes(loaded, calib, budgets, method=args.method, start_layer=args.start_layer,
+    start_layer = DEFAULT_START_LAYER[args.method] if args.start_layer is None else args.start_layer
+    outcome = search_recipes(loaded, calib, budgets, method=args.method, start_layer=start_layer,
                              cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                              batch_size=args.batch_size, progress=not args.quiet)
 
@@ -156,8 +161,9 @@ def _run_search(argv: Sequence[str]) -> int:
         print(f"  achieved: full-sequence FLOPs {b.achieved['full']:.1%}, visual-only FLOPs {b.achieved['visual']:.1%}, "
               f"mean visual tokens {b.achieved['mean_visual_tokens']:.1f} (asked: {b.value:g} {b.kind}, {b.formula})")
         print(f"  visual tokens kept entering each layer: {_fmt_schedule(recipe.schedule.counts)}")
-        print(f"  search: {recipe.method.name}, alpha {recipe.method.result.get('alpha', float('nan')):.4f}, "
-              f"{recipe.method.result.get('search_seconds', 0) * 1000:.0f} ms; selection rule {recipe.selection.rule}")
+        found = ", ".join(f"{k} {v:.4g}" for k, v in recipe.method.result.items() if isinstance(v, (int, float)))
+        print(f"  search: {recipe.method.name} ({found}); selection rule {recipe.selection.rule}, "
+              f"scored at the {recipe.selection.score_layer} layer")
         if held_out is not None and base_acc is not None:
             pruned = accuracy(greedy_answers(model, processor, adapter, held_out, plan, batch_size=args.batch_size,
                                              progress=not args.quiet, desc=f"eval {b.asked}"), held_out)
