@@ -1,8 +1,10 @@
+import copy
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from recipe_search import load_recipe
 from recipe_search.cli import main
@@ -68,3 +70,24 @@ def test_search_end_to_end_and_cache(random_checkpoint, tmp_path, capsys):
     assert main(["plot", *map(str, recipes), "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
     assert json.loads(recipes[0].read_text())["format"] == "recipe-search/recipe"
+
+
+def test_eval_existing_recipe_checks_checkpoint(random_checkpoint, random_demo, tmp_path, capsys):
+    common = ["--eval", "demo", "--eval-samples", "8", "--quiet"]
+    assert main(["--model", str(random_checkpoint), "--budget", "25%", "--num-samples", "4", "--out", str(tmp_path),
+                 "--cache-dir", str(tmp_path / "cache"), *common]) == 0
+    recipe = next(tmp_path.glob("*.json"))
+    capsys.readouterr()
+    assert main(["eval", str(recipe), "--model", str(random_checkpoint), *common]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy (demo:eval, 8 q)" in out and "budget 25%" in out
+
+    other = tmp_path / "other"
+    model, processor, _ = random_demo
+    tuned = copy.deepcopy(model)  # "a fine-tune": same architecture, other weights
+    with torch.no_grad():
+        tuned.get_decoder().layers[0].self_attn.q_proj.weight.add_(0.01)
+    tuned.save_pretrained(other)
+    processor.save_pretrained(other)
+    _one_line_error(capsys, main(["eval", str(recipe), "--model", str(other), *common]), "allow-other-checkpoint")
+    assert main(["eval", str(recipe), "--model", str(other), "--allow-other-checkpoint", *common]) == 0

@@ -127,12 +127,15 @@ def split_rng(split: str, seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
 
 
-def sample_scene(split: str, rng: np.random.Generator) -> Scene:
-    """Random scene whose layout hash belongs to `split`; distinct (shape, colour) per object."""
+def sample_scene(split: str, rng: np.random.Generator, n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS)) -> Scene:
+    """Random scene whose layout hash belongs to `split`; distinct (shape, colour) per object.
+
+    `n_objects` (inclusive range) is narrowed only by the training curriculum.
+    """
     buckets = _SPLIT_BUCKETS[split]
     colours = list(COLOURS)
     while True:
-        n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+        n = int(rng.integers(n_objects[0], n_objects[1] + 1))
         cells = rng.choice(GRID * GRID, size=n, replace=False)
         combos = rng.choice(len(SHAPES) * len(colours), size=n, replace=False)
         objects = tuple(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..models import get_adapter
+from ..models import ModelAdapter, get_adapter
 from ..recipe.build import model_identity
 from ..recipe.schema import Recipe, RecipeError
 from .applier import PruningHandle
@@ -17,14 +17,9 @@ def plan_from_recipe(recipe: Recipe) -> PruningPlan:
                        recipe.selection.score_layer)
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe, *, allow_other_checkpoint: bool = False) -> PruningHandle:
-    """Attach `recipe` to `model`; returns a handle whose `remove()` restores the model exactly.
-
-    The model must have the recipe's architecture; it must also be the very checkpoint the recipe
-    was searched on unless `allow_other_checkpoint` is set (e.g. a fine-tune of the same base).
-    """
-    adapter = get_adapter(model)
-    mine = model_identity(adapter, str(getattr(model, "name_or_path", "")))
+def check_recipe_matches(adapter: ModelAdapter, recipe: Recipe, allow_other_checkpoint: bool = False) -> None:
+    """Raise RecipeError unless the recipe was made for this model (or, if allowed, its architecture)."""
+    mine = model_identity(adapter, str(getattr(adapter.model, "name_or_path", "")))
     theirs = recipe.model
     if mine.architecture_key() != theirs.architecture_key():
         raise RecipeError(
@@ -37,4 +32,14 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, allow_other_checkpoint: bo
             f"recipe was searched on checkpoint {theirs.fingerprint} ({theirs.name_or_path}), this model is "
             f"{mine.fingerprint}; allow_other_checkpoint=True (--allow-other-checkpoint) uses it anyway"
         )
+
+
+def apply_recipe(model: nn.Module, recipe: Recipe, *, allow_other_checkpoint: bool = False) -> PruningHandle:
+    """Attach `recipe` to `model`; returns a handle whose `remove()` restores the model exactly.
+
+    The model must have the recipe's architecture; it must also be the very checkpoint the recipe
+    was searched on unless `allow_other_checkpoint` is set (e.g. a fine-tune of the same base).
+    """
+    adapter = get_adapter(model)
+    check_recipe_matches(adapter, recipe, allow_other_checkpoint)
     return PruningHandle(model, plan_from_recipe(recipe), adapter)
