@@ -51,17 +51,38 @@ def _search_parser() -> argparse.ArgumentParser:
                     "`search-recipe eval RECIPE...` measures them.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--budget", default="50%",
-                   help="compute budget(s), comma-separated: 50%%, 0.5 or 64tok (default: 50%%)")
-    p.add_argument("--method", default="fitprune", choices=["fitprune", "fastv", "uniform"],
-                   help="search method: fitprune (default), or the baselines fastv (one drop at layer 2) "
-                        "and uniform (same count at every layer)")
+    p.add_argument("--budget", default=None,
+                   help="compute budget(s), comma-separated: 50%%, 0.5 or 64tok (default: 50%%; "
+                        "gsearch takes none: it finds the least cost without loss)")
+    p.add_argument("--method", default="fitprune", choices=["fitprune", "gsearch", "psigmoid", "fastv", "uniform"],
+                   help="fitprune (default; attention statistics), gsearch (greedy, least cost without loss "
+                        "on model outputs), psigmoid (sigmoid schedule tuned by Bayesian optimisation to the "
+                        "budget), or the baselines fastv (one drop at layer 2) and uniform (same count everywhere)")
     p.add_argument("--calib", default="demo", help="calibration data: 'demo', a .jsonl file or a dataset folder")
     p.add_argument("--num-samples", type=int, default=64, help="calibration samples (default: 64)")
     p.add_argument("--formula", default="full", choices=["full", "visual"],
                    help="FLOPs formula a percentage budget is measured with (default: full)")
     p.add_argument("--start-layer", type=int, default=None,
                    help="first decoder layer that may drop tokens (default: 0; 2 for fastv)")
+    g = p.add_argument_group("gsearch / psigmoid (score schedules on what the model answers)")
+    g.add_argument("--search-set", default=None,
+                   help="samples the schedules are scored on: 'demo', .jsonl or dataset folder (default: the "
+                        "calibration samples)")
+    g.add_argument("--metric", default="agreement", choices=["agreement", "accuracy"],
+                   help="agreement with the unpruned model's answers (label-free, default) or accuracy")
+    g.add_argument("--tolerance", type=float, default=0.0, help="gsearch: allowed metric drop (default: 0)")
+    g.add_argument("--optimizer", default="optuna", choices=["optuna", "optuna-gp", "skopt"],
+                   help="psigmoid: optuna TPE (default), optuna's GP sampler, or scikit-optimize GP-EI")
+    g.add_argument("--n-trials", type=int, default=48, help="psigmoid: trials in all (default: 48)")
+    g.add_argument("--n-startup", type=int, default=8, help="psigmoid: random trials first (default: 8)")
+    g.add_argument("--seed", type=int, default=0, help="psigmoid: optimiser seed (default: 0)")
+    g.add_argument("--storage", default=None,
+                   help="psigmoid: optuna storage URL shared by workers (sqlite:///f.db, postgresql://..., "
+                        "journal:///f.log); default: a SQLite file in --out")
+    g.add_argument("--resume", action="store_true", help="psigmoid: continue an interrupted study")
+    g.add_argument("--n-workers", type=int, default=1, help="psigmoid: local worker processes (default: 1)")
+    g.add_argument("--seed-recipe", default=None,
+                   help="psigmoid: warm-start the first trial from this recipe's curve (e.g. a gsearch recipe)")
     p.add_argument("--out", default="search-recipe-out", help="folder for recipes and plot (default: ./search-recipe-out)")
     p.add_argument("--plot", default=None, help="PNG path of the retention plot (default: in --out)")
     p.add_argument("--cache-dir", default=None, help="calibration statistics cache (default: ~/.cache/recipe-search)")
@@ -102,6 +123,7 @@ class _Session:
     """A loaded model plus the unpruned reference every recipe is reported against."""
 
     loaded: Any
+    source: str
     held_out: Any
     timing: Any
     base_acc: Any
@@ -137,7 +159,7 @@ class _Session:
         if held_out is not None and not held_out.has_answers:
             raise ValueError(f"--eval {eval_spec}: every sample needs an answer to measure accuracy")
         timing = load_samples(eval_spec if held_out is not None else fallback_data, 16, split="eval")
-        session = cls(loaded, held_out, timing, None, 0.0, args)
+        session = cls(loaded, str(source), held_out, timing, None, 0.0, args)
         session.base_seconds = prefill_seconds(model, processor, adapter, timing)
         if held_out is not None:
             session.base_acc = accuracy(greedy_answers(model, processor, adapter, held_out,
@@ -165,7 +187,8 @@ class _Session:
         plan = plan_from_recipe(recipe)
         print(f"\nbudget {b.asked}: {where}")
         print(f"  achieved: full-sequence FLOPs {b.achieved['full']:.1%}, visual-only FLOPs {b.achieved['visual']:.1%}, "
-              f"mean visual tokens {b.achieved['mean_visual_tokens']:.1f} (asked: {b.value:g} {b.kind}, {b.formula})")
+              f"mean visual tokens {b.achieved['mean_visual_tokens']:.1f}"
+              + (f" (asked: {b.value:g} {b.kind}, {b.formula})" if b.kind != "none" else ""))
         print(f"  visual tokens kept entering each layer: "
               + " ".join(f"{i}:{c}" for i, c in enumerate(recipe.schedule.counts)))
         found = ", ".join(f"{k} {v:.4g}" for k, v in recipe.method.result.items() if isinstance(v, (int, float)))
@@ -218,34 +241,101 @@ def _run_search(argv: Sequence[str]) -> int:
     args = _search_parser().parse_args(argv)
     from .budget import parse_budgets
 
-    budgets = parse_budgets(args.budget, args.formula)  # validate before any heavy import or loading
-    _check_positive(num_samples=args.num_samples, eval_samples=args.eval_samples, batch_size=args.batch_size)
+    if args.method == "gsearch":
+        if args.budget is not None:
+            raise ValueError("gsearch finds the least cost without loss and takes no --budget; "
+                             "use --method psigmoid for a budget")
+        budgets = []
+    else:  # validate before any heavy import or loading
+        budgets = parse_budgets(args.budget or "50%", args.formula)
+    _check_positive(num_samples=args.num_samples, eval_samples=args.eval_samples, batch_size=args.batch_size,
+                    n_trials=args.n_trials, n_workers=args.n_workers)
+    if not 0 <= args.tolerance < 1:
+        raise ValueError(f"--tolerance must be in [0, 1), got {args.tolerance}")
 
     from .calibration import load_samples
-    from .pipeline import search_recipes
-    from .plot import plot_retention
-    from .recipe import save_recipe
+    from .pipeline import SearchOptions, search_recipes
+    from .plot import plot_history, plot_retention
+    from .recipe import load_recipe, save_recipe
     from .search import DEFAULT_START_LAYER
+    from .search.psigmoid import fit_to_curve
 
+    out = Path(args.out)
+    warm_start = None
+    if args.seed_recipe:
+        seed_recipe = load_recipe(args.seed_recipe)
+        start = DEFAULT_START_LAYER["psigmoid"] if args.start_layer is None else args.start_layer
+        warm_start = fit_to_curve(seed_recipe.schedule.counts, seed_recipe.schedule.visual_tokens, start)
     session = _Session.open(args, fallback_data=args.calib)
     loaded = session.loaded
     calib = load_samples(args.calib, args.num_samples, split="calib")
-    start_layer = DEFAULT_START_LAYER[args.method] if args.start_layer is None else args.start_layer
-    outcome = search_recipes(loaded, calib, budgets, method=args.method, start_layer=start_layer,
-                             cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                             batch_size=args.batch_size, progress=not args.quiet)
-    out = Path(args.out)
+    search_set = load_samples(args.search_set, args.num_samples, split="calib") if args.search_set else None
+    with _TrialBar(args) as bar:
+        options = SearchOptions(
+            start_layer=args.start_layer, metric=args.metric, tolerance=args.tolerance, optimizer=args.optimizer,
+            n_trials=args.n_trials, n_startup=args.n_startup, seed=args.seed, storage=args.storage,
+            resume=args.resume, n_workers=args.n_workers, warm_start=warm_start, work_dir=out,
+            batch_size=args.batch_size, progress=bar.update,
+        )
+        outcome = search_recipes(loaded, calib, budgets, method=args.method, options=options, search_set=search_set,
+                                 model_source=session.source, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                                 batch_size=args.batch_size, progress=not args.quiet)
     name = Path(loaded.name_or_path).name or "model"
-    paths = [save_recipe(r, out / f"{name}-{args.method}-{_budget_slug(r.budget.asked)}.json")
+    paths = [save_recipe(r, out / f"{name}-{args.method}-{_budget_slug(r.budget.asked) if r.budget.kind != 'none' else 'least-cost'}.json")
              for r in outcome.recipes]
     plot_path = plot_retention(outcome.recipes, args.plot or out / f"{name}-{args.method}-retention.png")
+    history_paths = []
+    if args.method == "psigmoid":
+        for recipe, path in zip(outcome.recipes, paths):
+            trials = recipe.method.result.get("history", [])
+            history_paths.append(plot_history(trials, path.with_suffix(".history.png"),
+                                              f"P-Sigmoid {recipe.budget.asked}: {args.optimizer}, {args.metric}"))
     session.header()
     print(f"calibration: {len(calib)} samples from {calib.source} "
           f"({'statistics from cache' if outcome.stats_cached else 'statistics computed and cached'})")
+    if args.method in ("gsearch", "psigmoid"):
+        _print_tau(outcome.stats.kendall_tau)
     for recipe, path in zip(outcome.recipes, paths):
         session.report(recipe, path)
     print(f"\nretention plot: {plot_path}")
+    for path in history_paths:
+        print(f"optimisation history: {path}")
     return 0
+
+
+def _print_tau(tau: Any) -> None:
+    """G-Search's premise: visual-token rankings agree between layers (except the first)."""
+    print("Kendall tau between layers' visual-token rankings (last prompt token attention, calibration mean):")
+    print("      " + " ".join(f"{j:>5}" for j in range(len(tau))))
+    for i, row in enumerate(tau):
+        print(f"  {i:>3} " + " ".join(f"{v:5.2f}" for v in row))
+    off = [tau[i][i + 1] for i in range(1, len(tau) - 1)]
+    if off:
+        print(f"  adjacent layers from layer 1 on: mean tau {sum(off) / len(off):.2f} "
+              f"(the method's premise wants it high; published reports give >= 0.7)")
+
+
+class _TrialBar:
+    """A progress bar over P-Sigmoid trials, fed by the search's progress callback."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = (tqdm(total=args.n_trials, desc="psigmoid trials", unit="trial", disable=args.quiet)
+                    if args.method == "psigmoid" else None)
+
+    def update(self, number: int, attrs: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if attrs.get("feasible"):
+                self.bar.set_postfix(value=f"{attrs['value']:.3f}", flops=f"{attrs['flops_full']:.1%}")
+
+    def __enter__(self) -> "_TrialBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

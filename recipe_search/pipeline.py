@@ -1,9 +1,12 @@
 """The search pipeline as one call: calibration -> statistics -> search -> recipe, per budget."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import multiprocessing
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .budget import Budget
 from .calibration import SampleSet, calibrate
@@ -11,8 +14,15 @@ from .flops import CostModel
 from .models import ModelAdapter
 from .recipe.build import make_recipe, model_identity
 from .recipe.schema import CalibrationRecord, Recipe
-from .search import METHODS
+from .runtime.selection import make_rule
+from .search import DEFAULT_START_LAYER, METHODS, SearchResult
+from .search import gsearch, psigmoid
+from .search.objective import ScheduleScorer
+from .search.optimizers import default_storage, make_backend
 from .stats import CalibrationStats
+
+BUDGETLESS = ("gsearch",)   # methods that find their own cost (least cost without loss)
+OUTPUT_SEARCHES = ("gsearch", "psigmoid")  # methods that score schedules on model outputs
 
 
 @dataclass
@@ -24,27 +34,141 @@ class LoadedModel:
 
 
 @dataclass(frozen=True)
+class SearchOptions:
+    """Knobs of the output-scoring searches; FitPrune and the baselines use only start_layer."""
+
+    start_layer: int | None = None
+    metric: str = "agreement"
+    tolerance: float = 0.0
+    optimizer: str = "optuna"
+    n_trials: int = 48
+    n_startup: int = 8
+    seed: int = 0
+    storage: str | None = None          # optuna URL; default: SQLite file in `work_dir`
+    resume: bool = False
+    n_workers: int = 1
+    warm_start: dict[str, float] | None = None
+    work_dir: Path = Path(".")
+    batch_size: int = 16
+    progress: Callable[[int, dict[str, Any]], None] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
 class SearchOutcome:
     stats: CalibrationStats
     stats_cached: bool
     costs: CostModel
     recipes: list[Recipe]
+    results: list[SearchResult]
 
 
-def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budget], *, method: str = "fitprune",
-                   start_layer: int = 0, cache_dir: Path | None = None, batch_size: int = 8,
-                   progress: bool = True) -> SearchOutcome:
-    """One calibration pass (or cache hit), then one search and one recipe per budget."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+def study_name(loaded: LoadedModel, search_set: SampleSet, budget: Budget, options: SearchOptions, start: int) -> str:
+    """Same model, data, budget and settings -> same study, so --resume finds it."""
+    key = f"{loaded.adapter.fingerprint()}:{search_set.content_hash()}:{budget.kind}:{budget.value}:{budget.formula}:" \
+          f"{options.metric}:{start}:{options.optimizer}:{options.seed}"
+    return f"psigmoid-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _scorer(loaded: LoadedModel, search_set: SampleSet, options: SearchOptions) -> ScheduleScorer:
+    return ScheduleScorer(loaded, search_set, make_rule(gsearch.RULE, gsearch.RULE_PARAMS), gsearch.SCORE_LAYER,
+                          metric=options.metric, batch_size=options.batch_size)
+
+
+def _psigmoid_run(loaded: LoadedModel, search_set: SampleSet, budget: Budget, costs: CostModel,
+                  options: SearchOptions, start: int, worker: str, scorer: ScheduleScorer | None = None,
+                  resume: bool | None = None) -> psigmoid.PSigmoidRun:
+    scorer = scorer or _scorer(loaded, search_set, options)
+    name = study_name(loaded, search_set, budget, options, start)
+    backend = make_backend(
+        options.optimizer, psigmoid.search_space(len(scorer.layers), start),
+        storage=options.storage or default_storage(options.work_dir, "psigmoid-trials"), study_name=name,
+        log_path=options.work_dir / f"{name}.skopt.json", n_startup=options.n_startup, seed=options.seed,
+        resume=options.resume if resume is None else resume,
+    )
+    return psigmoid.PSigmoidRun(scorer, budget, costs, backend, start, options.n_trials, options.progress, worker)
+
+
+def _worker(source: str, name_or_path: str, search_set: SampleSet, budget: Budget, costs: CostModel,
+            options: SearchOptions, start: int, worker: int, threads: int) -> None:
+    """One of --n-workers processes: load the model and run trials until the shared study is full."""
+    import torch
+
+    from .models.loading import load_model
+
+    torch.set_num_threads(threads)
+    model, processor, adapter = load_model(source)
+    loaded = LoadedModel(model, processor, adapter, name_or_path)
+    _psigmoid_run(loaded, search_set, budget, costs, replace(options, progress=None), start,
+                  f"worker-{worker}", resume=True).run()
+
+
+def run_workers(source: str, loaded: LoadedModel, search_set: SampleSet, budget: Budget, costs: CostModel,
+                options: SearchOptions, start: int) -> None:
+    """Start `options.n_workers` processes on one (already created) optuna study and wait for them."""
+    import torch
+
+    if options.optimizer == "skopt":
+        raise ValueError("--n-workers needs an optuna optimizer: skopt keeps its trials in one process")
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // options.n_workers)
+    procs = [ctx.Process(target=_worker, args=(source, loaded.name_or_path, search_set, budget, costs, options,
+                                              start, i, threads)) for i in range(options.n_workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(procs)} search workers failed (exit codes {failed})")
+
+
+def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budget | None], *,
+                   method: str = "fitprune", options: SearchOptions = SearchOptions(),
+                   search_set: SampleSet | None = None, model_source: str | None = None,
+                   cache_dir: Path | None = None, batch_size: int = 8, progress: bool = True) -> SearchOutcome:
+    """One calibration pass (or cache hit), then one search and one recipe per budget.
+
+    `budgets` is ignored (one recipe) for methods in BUDGETLESS. Output-scoring methods score on
+    `search_set`, by default the calibration samples.
+    """
+    if method not in METHODS and method not in OUTPUT_SEARCHES:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join([*METHODS, *OUTPUT_SEARCHES])}")
     stats, cached = calibrate(loaded.model, loaded.processor, loaded.adapter, data, cache_dir=cache_dir,
                               batch_size=batch_size, progress=progress)
     costs = CostModel(loaded.adapter.dims(), stats.visual_tokens, tuple(int(t) for t in stats.text_tokens))
     identity = model_identity(loaded.adapter, loaded.name_or_path)
     calib = CalibrationRecord(source=data.source, num_samples=len(data), data_hash=stats.meta["data_hash"],
                               description=f"{len(data)} samples from {data.source}, unpruned model, batch {batch_size}")
-    recipes = []
-    for budget in budgets:
-        result = METHODS[method](stats, budget, costs, start_layer=start_layer)
-        recipes.append(make_recipe(result, budget, costs, identity, calib))
-    return SearchOutcome(stats, cached, costs, recipes)
+    start = DEFAULT_START_LAYER[method] if options.start_layer is None else options.start_layer
+    searched = search_set or data
+    scorer = _scorer(loaded, searched, options) if method in OUTPUT_SEARCHES else None
+    results: list[tuple[Budget | None, SearchResult]] = []
+    if method == "gsearch":
+        assert scorer is not None
+        results.append((None, gsearch.search_gsearch(scorer, costs, start_layer=start, tolerance=options.tolerance)))
+    for budget in ([] if method in BUDGETLESS else budgets):
+        assert budget is not None
+        if method == "psigmoid":
+            assert scorer is not None
+            psigmoid.check_feasible(scorer.visual_tokens, len(scorer.layers), start, budget, costs)
+            run = _psigmoid_run(loaded, searched, budget, costs, options, start, "main", scorer)
+            params = {"optimizer": options.optimizer, "n_trials": options.n_trials, "n_startup": options.n_startup,
+                      "seed": options.seed, "search_set": searched.source, "search_samples": len(searched),
+                      "warm_start": options.warm_start}
+            started = time.perf_counter()
+            if options.warm_start and not run.backend.finished():
+                run.backend.enqueue(options.warm_start)
+            if options.n_workers > 1:
+                if model_source is None:
+                    raise ValueError("--n-workers needs the model's path so each worker can load it")
+                run_workers(model_source, loaded, searched, budget, costs, options, start)
+            else:
+                run.run()
+            results.append((budget, psigmoid.best_result(run, time.perf_counter() - started, params)))
+        else:
+            results.append((budget, METHODS[method](stats, budget, costs, start_layer=start)))
+    for _, result in results:
+        if result.method in OUTPUT_SEARCHES:
+            result.result["kendall_tau"] = stats.kendall_tau.round(3).tolist()
+    recipes = [make_recipe(r, b, costs, identity, calib) for b, r in results]
+    return SearchOutcome(stats, cached, costs, recipes, [r for _, r in results])

@@ -51,3 +51,32 @@ def plot_retention(recipes: Sequence[Recipe], path: str | Path, labels: Sequence
     plt.close(fig)
     write_atomic(path, buffer.getvalue())
     return Path(path)
+
+
+def plot_history(trials: Sequence[dict], path: str | Path, title: str) -> Path:
+    """Objective of every trial in order, infeasible ones marked, with the running best."""
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    feasible = [t for t in trials if t["feasible"]]
+    ax.scatter([t["trial"] for t in feasible], [t["objective"] for t in feasible], s=18, label="trial")
+    bad = [t["trial"] for t in trials if not t["feasible"]]
+    if bad:
+        ax.scatter(bad, [min((t["objective"] for t in feasible), default=0.0)] * len(bad), marker="x",
+                   color="grey", label="no floor meets the budget")
+    best, running = float("-inf"), []
+    for t in sorted(feasible, key=lambda t: t["trial"]):
+        best = max(best, t["objective"])
+        running.append((t["trial"], best))
+    if running:
+        ax.step(*zip(*running), where="post", color="black", linewidth=1.5, label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("objective (metric - 1e-3 KL)")
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+    return Path(path)

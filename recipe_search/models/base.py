@@ -120,6 +120,10 @@ class ModelAdapter(ABC):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, repeat_kv(k, attn.num_key_value_groups)
 
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the last decoder layer's output (B, q, d): final norm, then the LM head."""
+        return self.model.get_output_embeddings()(self.decoder().norm(hidden))
+
     # -- inputs --------------------------------------------------------------------------------
     @abstractmethod
     def build_inputs(

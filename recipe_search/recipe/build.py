@@ -30,9 +30,14 @@ def model_identity(adapter: ModelAdapter, name_or_path: str) -> ModelIdentity:
     )
 
 
-def budget_record(budget: Budget, counts: tuple[int, ...], costs: CostModel) -> BudgetRecord:
+def budget_record(budget: Budget | None, counts: tuple[int, ...], costs: CostModel) -> BudgetRecord:
+    """Asked and achieved cost; `budget` None for methods that find their own cost (G-Search)."""
+    if budget is None:
+        asked, kind, value, formula = "none (least cost without loss)", "none", costs.fraction(counts, "full"), "full"
+    else:
+        asked, kind, value, formula = budget.text or budget.describe(), budget.kind, budget.value, budget.formula
     return BudgetRecord(
-        asked=budget.text or budget.describe(), kind=budget.kind, value=budget.value, formula=budget.formula,
+        asked=asked, kind=kind, value=value, formula=formula,
         achieved={
             "full": costs.fraction(counts, "full"),
             "visual": costs.fraction(counts, "visual"),
@@ -43,7 +48,7 @@ def budget_record(budget: Budget, counts: tuple[int, ...], costs: CostModel) -> 
     )
 
 
-def make_recipe(result: SearchResult, budget: Budget, costs: CostModel, identity: ModelIdentity,
+def make_recipe(result: SearchResult, budget: Budget | None, costs: CostModel, identity: ModelIdentity,
                 calibration: CalibrationRecord) -> Recipe:
     n = costs.visual_tokens
     return Recipe(

@@ -110,8 +110,8 @@ def _validate(recipe: Recipe) -> None:
             raise RecipeError(f"schedule.counts[{i}]: {c} > {s.counts[i - 1]}; the schedule must never increase")
         if abs(s.fractions[i] - c / s.visual_tokens) > 1e-6:
             raise RecipeError(f"schedule.fractions[{i}]: does not equal counts[{i}] / visual_tokens")
-    if b.kind not in ("flops", "tokens"):
-        raise RecipeError(f"budget.kind: {b.kind!r} is not 'flops' or 'tokens'")
+    if b.kind not in ("flops", "tokens", "none"):
+        raise RecipeError(f"budget.kind: {b.kind!r} is not 'flops', 'tokens' or 'none'")
     if recipe.selection.score_layer not in ("same", "previous"):
         raise RecipeError(f"selection.score_layer: {recipe.selection.score_layer!r} is not 'same' or 'previous'")
 

@@ -39,7 +39,7 @@ class ModelIdentity:
 @dataclass(frozen=True)
 class BudgetRecord:
     asked: str                      # as the user typed it
-    kind: str                       # "flops" or "tokens"
+    kind: str                       # "flops", "tokens", or "none" (method finds its own cost)
     value: float
     formula: str                    # the formula a FLOPs budget is measured with
     achieved: dict[str, float]      # {"full": f, "visual": f, "mean_visual_tokens": t}

@@ -51,11 +51,26 @@ class _Forward:
     decode_q: int = 0                # tokens in the current cached step; 0 while prefilling
 
 
+@dataclass(frozen=True)
+class PrefillSnapshot:
+    """Runtime state between two layers of a pruned prefill (see `PruningHandle.snapshot`)."""
+
+    cols: torch.Tensor
+    visual: torch.Tensor
+    counts: tuple[int, ...]
+    pending_scores: torch.Tensor | None
+    pruning_started: bool
+
+
 class PruningHandle:
     """Live hooks of one applied plan. Use as a context manager or call `remove()`."""
 
-    def __init__(self, model: nn.Module, plan: PruningPlan, adapter: ModelAdapter | None = None) -> None:
+    def __init__(self, model: nn.Module, plan: PruningPlan, adapter: ModelAdapter | None = None,
+                 score_ahead: bool = False) -> None:
         self.model = model
+        #: With a "previous"-layer rule, score at every layer even when the next one keeps all, so a
+        #: snapshot between any two layers can resume under another schedule (used by searches).
+        self.score_ahead = score_ahead
         self.plan = plan
         self.adapter = adapter or get_adapter(model)
         impl = getattr(self.adapter.text_config, "_attn_implementation", None) or "eager"
@@ -112,11 +127,22 @@ class PruningHandle:
         return args, self._start_decode(input_ids, kwargs)
 
     def _start_prefill(self, input_ids: torch.Tensor, kwargs: dict) -> dict:
-        attn2d = kwargs.get("attention_mask")
-        if attn2d is not None and attn2d.ndim != 2:
-            raise PruningError("the pruning runtime needs a 2-D attention mask (or none)")
         if kwargs.get("labels") is not None:
             raise PruningError("labels are not supported while pruning: the sequence gets shorter")
+        state = self.begin_prefill(input_ids, kwargs.get("attention_mask"))
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.adapter.text_config, "use_cache", True)
+        if use_cache and kwargs.get("past_key_values") is None:
+            kwargs = {**kwargs, "past_key_values": DynamicCache(config=self.adapter.text_config)}
+        if kwargs.get("past_key_values") is not None:
+            state.cache = weakref.ref(kwargs["past_key_values"])
+        return kwargs
+
+    def begin_prefill(self, input_ids: torch.Tensor, attn2d: torch.Tensor | None) -> _Forward:
+        """Set up the state for a prefill of `input_ids`; the layer hooks then prune as they run."""
+        if attn2d is not None and attn2d.ndim != 2:
+            raise PruningError("the pruning runtime needs a 2-D attention mask (or none)")
         visual = input_ids == self.adapter.image_token_id
         per_row = visual.sum(dim=1)
         if bool((per_row != per_row[0]).any()):
@@ -128,7 +154,7 @@ class PruningHandle:
             int.from_bytes(hashlib.sha256(ids[ok[:prompt_end]].cpu().numpy().tobytes()).digest()[:8], "little")
             for ids, ok in zip(input_ids[:, :prompt_end], valid[:, :prompt_end])
         ]
-        state = _Forward(
+        self._state = _Forward(
             attn2d=attn2d,
             visual0=visual,
             prompt_end=prompt_end,
@@ -137,15 +163,24 @@ class PruningHandle:
             prefill_len=length,
             total_len=length,
         )
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(self.adapter.text_config, "use_cache", True)
-        if use_cache and kwargs.get("past_key_values") is None:
-            kwargs = {**kwargs, "past_key_values": DynamicCache(config=self.adapter.text_config)}
-        if kwargs.get("past_key_values") is not None:
-            state.cache = weakref.ref(kwargs["past_key_values"])
-        self._state = state
-        return kwargs
+        return self._state
+
+    def snapshot(self) -> PrefillSnapshot:
+        """The prefill state after the layers run so far, to resume a schedule that shares them."""
+        state = self._state
+        assert state is not None and state.cols is not None and state.visual is not None
+        return PrefillSnapshot(state.cols, state.visual, tuple(state.counts), state.pending_scores,
+                               state.pruning_started)
+
+    def resume(self, snap: PrefillSnapshot) -> None:
+        """Continue a prefill begun with `begin_prefill` from the layer after `snap` was taken."""
+        state = self._state
+        assert state is not None
+        if tuple(state.targets[: len(snap.counts)]) != snap.counts:
+            raise PruningError("snapshot was taken under a schedule with another prefix")
+        state.cols, state.visual, state.counts = snap.cols, snap.visual, list(snap.counts)
+        state.pending_scores, state.pruning_started = snap.pending_scores, snap.pruning_started
+        state.gathered.clear()
 
     def _start_decode(self, input_ids: torch.Tensor | None, kwargs: dict) -> dict:
         state = self._state
@@ -201,12 +236,13 @@ class PruningHandle:
             cos, sin = self._gathered_rope(kwargs["position_embeddings"], state, batch)
             state.pruning_started = True
         state.pending_scores = None
-        state.counts.append(int(state.visual[0].sum()))
+        live = int(state.visual[0].sum())
+        state.counts.append(live)
         nxt = idx + 1
         if (
             self.plan.score_layer == "previous"
             and nxt < len(state.targets)
-            and state.targets[nxt] < int(state.visual[0].sum())
+            and (state.targets[nxt] < live or (self.score_ahead and live > 0))
         ):
             state.pending_scores = self.plan.rule.score(self._context(idx, layer, hidden, cos, sin))
         if nxt == len(state.targets):

@@ -1,6 +1,8 @@
-"""Search methods: turn calibration statistics into a per-layer schedule under a budget.
+"""Search methods: turn calibration statistics or model outputs into a per-layer schedule.
 
-Every method has the signature ``(stats, budget, costs, *, start_layer) -> SearchResult``.
+Statistics-based methods (`METHODS`) have the signature ``(stats, budget, costs, *, start_layer)
+-> SearchResult``; the output-scoring ones (gsearch.py, psigmoid.py) take a `ScheduleScorer` and
+are driven by `recipe_search.pipeline`.
 """
 from typing import Callable
 
@@ -14,7 +16,7 @@ METHODS: dict[str, Callable[..., SearchResult]] = {
 }
 
 #: The layer a method starts pruning at when the user does not say.
-DEFAULT_START_LAYER = {"fitprune": 0, "fastv": 2, "uniform": 0}
+DEFAULT_START_LAYER = {"fitprune": 0, "fastv": 2, "uniform": 0, "gsearch": 2, "psigmoid": 2}
 
 __all__ = ["DEFAULT_START_LAYER", "METHODS", "InfeasibleBudgetError", "SearchResult", "fit_schedule",
            "search_fastv", "search_fitprune", "search_uniform"]

@@ -1,0 +1,155 @@
+"""P-Sigmoid (arXiv 2412.00556, our design in methods.md §2): a sigmoid schedule tuned by BO.
+
+    r(l) = 1                                        for l < s (start layer)
+    r(l) = r_min + (1 - r_min) / (1 + exp(k (l - m)))  otherwise
+    n_l  = round(N r(l)), then forced non-increasing
+
+For every proposal (k, m) the floor r_min is bisected so the schedule meets the budget exactly
+(the largest floor that fits), and the optimiser searches (k, m) to maximise the metric on the
+search set. Every trial is recorded; the best one becomes the recipe.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..budget import Budget
+from ..flops import CostModel
+from .fitprune import InfeasibleBudgetError, SearchResult
+from .gsearch import RULE, RULE_PARAMS, SCORE_LAYER
+from .objective import ScheduleScorer
+from .optimizers import Backend, Space
+
+SLOPE_RANGE = (0.1, 3.0)
+INFEASIBLE = -1.0  # told to the optimiser when no floor meets the budget for (k, m)
+
+
+def sigmoid_schedule(visual_tokens: int, layers: int, start: int, floor: float, slope: float,
+                     midpoint: float) -> tuple[int, ...]:
+    counts, current = [], visual_tokens
+    for layer in range(layers):
+        if layer < start:
+            ratio = 1.0
+        else:
+            z = min(60.0, max(-60.0, slope * (layer - midpoint)))
+            ratio = floor + (1 - floor) / (1 + math.exp(z))
+        current = min(current, round(visual_tokens * ratio))
+        counts.append(current)
+    return tuple(counts)
+
+
+def fit_floor(visual_tokens: int, layers: int, start: int, slope: float, midpoint: float, budget: Budget,
+              costs: CostModel, iterations: int = 40) -> tuple[float, tuple[int, ...]] | None:
+    """The largest floor r_min in [0, 1] whose schedule meets the budget, or None if none does."""
+    make = lambda f: sigmoid_schedule(visual_tokens, layers, start, f, slope, midpoint)  # noqa: E731
+    if not budget.is_met(make(0.0), costs):
+        return None
+    if budget.is_met(make(1.0), costs):
+        return 1.0, make(1.0)
+    lo, hi = 0.0, 1.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if budget.is_met(make(mid), costs) else (lo, mid)
+    return lo, make(lo)
+
+
+def fit_to_curve(counts: Sequence[int], visual_tokens: int, start: int) -> dict[str, float]:
+    """(k, m) of the least-squares sigmoid through a schedule, e.g. G-Search's, for a warm start.
+
+    The floor is fitted too but not returned: each trial re-fits it to the budget."""
+    layers = len(counts)
+    target = np.asarray(counts, dtype=float) / visual_tokens
+    best, best_err = {"slope": 1.0, "midpoint": float(start)}, float("inf")
+    for slope in np.linspace(*SLOPE_RANGE, 30):
+        for midpoint in np.linspace(start, layers - 1, 4 * (layers - start) + 1):
+            for floor in np.linspace(0, 1, 21):
+                sched = np.asarray(sigmoid_schedule(visual_tokens, layers, start, floor, slope, midpoint)) / visual_tokens
+                err = float(((sched - target) ** 2).sum())
+                if err < best_err:
+                    best, best_err = {"slope": float(slope), "midpoint": float(midpoint)}, err
+    return best
+
+
+def check_feasible(visual_tokens: int, layers: int, start: int, budget: Budget, costs: CostModel) -> None:
+    """Fail before any trial when even dropping every visual token at the start layer is over budget."""
+    floor = (visual_tokens,) * start + (0,) * (layers - start)
+    if not budget.is_met(floor, costs):
+        raise InfeasibleBudgetError(
+            f"budget {budget.text} cannot be met with pruning from layer {start} on: dropping every visual token "
+            f"there still costs {budget.achieved(floor, costs):.1%}; lower --start-layer or raise the budget"
+        )
+
+
+def search_space(layers: int, start: int) -> Space:
+    return Space({"slope": SLOPE_RANGE, "midpoint": (float(start), float(layers - 1))})
+
+
+@dataclass
+class PSigmoidRun:
+    scorer: ScheduleScorer
+    budget: Budget
+    costs: CostModel
+    backend: Backend
+    start_layer: int = 2
+    n_trials: int = 48
+    progress: Callable[[int, dict[str, Any]], None] | None = None
+    worker: str = "main"
+
+    def trial(self) -> bool:
+        """Ask, fit the floor, score, tell; False once the (possibly shared) study has enough trials.
+
+        An interrupted trial is failed, never half-recorded, so a resumed run repeats it.
+        """
+        n, layers = self.scorer.visual_tokens, len(self.scorer.layers)
+        trial = self.backend.ask()
+        if self.backend.rank(trial) > self.n_trials:  # other workers filled the study meanwhile
+            self.backend.fail(trial)
+            return False
+        try:
+            fitted = fit_floor(n, layers, self.start_layer, trial.params["slope"], trial.params["midpoint"],
+                               self.budget, self.costs)
+            attrs: dict[str, Any] = {"feasible": fitted is not None, "worker": self.worker}
+            value = INFEASIBLE
+            if fitted is not None:
+                floor, counts = fitted
+                ev = self.scorer.evaluate(counts)
+                value = ev.objective
+                attrs.update(floor=floor, counts=list(counts), value=ev.value, agreement=ev.agreement, kl=ev.kl,
+                             accuracy=ev.accuracy, flops_full=self.costs.fraction(counts, "full"),
+                             flops_visual=self.costs.fraction(counts, "visual"))
+        except BaseException:
+            self.backend.fail(trial)
+            raise
+        self.backend.tell(trial, value, attrs)
+        if self.progress:
+            self.progress(trial.number, attrs)
+        return True
+
+    def run(self) -> None:
+        while len(self.backend.finished()) < self.n_trials and self.trial():
+            pass
+
+
+def best_result(run: PSigmoidRun, seconds: float, params: dict[str, Any]) -> SearchResult:
+    """The best feasible finished trial as a search result (ties: fewer full-sequence FLOPs)."""
+    trials = [t for t in run.backend.finished() if t.attrs.get("feasible")]
+    if not trials:
+        raise ValueError(f"no P-Sigmoid trial met the budget {run.budget.text}; widen the budget or lower --start-layer")
+    best = max(trials, key=lambda t: (t.value, -t.attrs["flops_full"]))
+    counts = tuple(best.attrs["counts"])
+    assert run.budget.is_met(counts, run.costs), "P-Sigmoid kept a schedule over budget"
+    return SearchResult(
+        counts, "psigmoid", {**params, "start_layer": run.start_layer, "metric": run.scorer.metric},
+        RULE, dict(RULE_PARAMS), SCORE_LAYER,
+        {"best_trial": best.number, "slope": best.params["slope"], "midpoint": best.params["midpoint"],
+         "floor": best.attrs["floor"], "value": best.attrs["value"], "agreement": best.attrs["agreement"],
+         "kl": best.attrs["kl"], "trials": len(run.backend.finished()), "feasible_trials": len(trials),
+         "history": [{"trial": t.number, "objective": t.value, "feasible": bool(t.attrs.get("feasible")),
+                      "worker": t.attrs.get("worker", "")} for t in sorted(run.backend.finished(),
+                                                                           key=lambda t: t.number)]},
+        seconds,
+    )
+
