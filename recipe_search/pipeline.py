@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -89,7 +90,7 @@ def _psigmoid_run(loaded: LoadedModel, search_set: SampleSet, budget: Budget, co
 
 
 def _worker(source: str, name_or_path: str, search_set: SampleSet, budget: Budget, costs: CostModel,
-            options: SearchOptions, start: int, worker: int, threads: int) -> None:
+            options: SearchOptions, start: int, worker: int, threads: int, ready: Any) -> None:
     """One of --n-workers processes: load the model and run trials until the shared study is full."""
     import torch
 
@@ -98,8 +99,13 @@ def _worker(source: str, name_or_path: str, search_set: SampleSet, budget: Budge
     torch.set_num_threads(threads)
     model, processor, adapter = load_model(source)
     loaded = LoadedModel(model, processor, adapter, name_or_path)
-    _psigmoid_run(loaded, search_set, budget, costs, replace(options, progress=None), start,
-                  f"worker-{worker}", resume=True).run()
+    run = _psigmoid_run(loaded, search_set, budget, costs, replace(options, progress=None), start,
+                        f"worker-{worker}", resume=True)
+    try:
+        ready.wait(timeout=600)  # start trials together, whatever each worker's loading time was
+    except threading.BrokenBarrierError:
+        pass
+    run.run()
 
 
 def run_workers(source: str, loaded: LoadedModel, search_set: SampleSet, budget: Budget, costs: CostModel,
@@ -111,8 +117,10 @@ def run_workers(source: str, loaded: LoadedModel, search_set: SampleSet, budget:
         raise ValueError("--n-workers needs an optuna optimizer: skopt keeps its trials in one process")
     ctx = multiprocessing.get_context("spawn")
     threads = max(1, torch.get_num_threads() // options.n_workers)
-    procs = [ctx.Process(target=_worker, args=(source, loaded.name_or_path, search_set, budget, costs, options,
-                                              start, i, threads)) for i in range(options.n_workers)]
+    ready = ctx.Barrier(options.n_workers)
+    procs = [ctx.Process(target=_worker, args=(source, loaded.name_or_path, search_set, budget, costs,
+                                              replace(options, progress=None), start, i, threads, ready))
+             for i in range(options.n_workers)]
     for p in procs:
         p.start()
     for p in procs:
