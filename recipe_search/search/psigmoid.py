@@ -5,8 +5,9 @@
     n_l  = round(N r(l)), then forced non-increasing
 
 For every proposal (k, m) the floor r_min is bisected so the schedule meets the budget exactly
-(the largest floor that fits), and the optimiser searches (k, m) to maximise the metric on the
-search set. Every trial is recorded; the best one becomes the recipe.
+(the largest floor that fits; if none fits, the midpoint is first moved earlier until one does),
+and the optimiser searches (k, m) to maximise the metric on the search set. Every trial is
+recorded; the best one becomes the recipe.
 """
 from __future__ import annotations
 
@@ -54,6 +55,28 @@ def fit_floor(visual_tokens: int, layers: int, start: int, slope: float, midpoin
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if budget.is_met(make(mid), costs) else (lo, mid)
     return lo, make(lo)
+
+
+def fit_proposal(visual_tokens: int, layers: int, start: int, slope: float, midpoint: float, budget: Budget,
+                 costs: CostModel) -> tuple[float, float, tuple[int, ...]] | None:
+    """(midpoint used, floor, schedule) for a proposal, repairing an over-budget midpoint.
+
+    When no floor makes (slope, midpoint) meet the budget, the sigmoid still keeps too many tokens
+    before its midpoint; the midpoint is then moved to the latest one (bisected) at which a floor
+    does fit, so that most proposals still teach the optimiser something. None if even the start
+    layer is too late.
+    """
+    fitted = fit_floor(visual_tokens, layers, start, slope, midpoint, budget, costs)
+    if fitted is not None:
+        return (midpoint, *fitted)
+    if fit_floor(visual_tokens, layers, start, slope, float(start), budget, costs) is None:
+        return None
+    lo, hi = float(start), midpoint
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fit_floor(visual_tokens, layers, start, slope, mid, budget, costs) else (lo, mid)
+    floor, counts = fit_floor(visual_tokens, layers, start, slope, lo, budget, costs)  # type: ignore[misc]
+    return lo, floor, counts
 
 
 def fit_to_curve(counts: Sequence[int], visual_tokens: int, start: int) -> dict[str, float]:
@@ -109,15 +132,15 @@ class PSigmoidRun:
             self.backend.fail(trial)
             return False
         try:
-            fitted = fit_floor(n, layers, self.start_layer, trial.params["slope"], trial.params["midpoint"],
-                               self.budget, self.costs)
+            fitted = fit_proposal(n, layers, self.start_layer, trial.params["slope"], trial.params["midpoint"],
+                                  self.budget, self.costs)
             attrs: dict[str, Any] = {"feasible": fitted is not None, "worker": self.worker}
             value = INFEASIBLE
             if fitted is not None:
-                floor, counts = fitted
+                midpoint, floor, counts = fitted
                 ev = self.scorer.evaluate(counts)
                 value = ev.objective
-                attrs.update(floor=floor, counts=list(counts), value=ev.value, agreement=ev.agreement, kl=ev.kl,
+                attrs.update(midpoint_used=midpoint, floor=floor, counts=list(counts), value=ev.value, agreement=ev.agreement, kl=ev.kl,
                              accuracy=ev.accuracy, flops_full=self.costs.fraction(counts, "full"),
                              flops_visual=self.costs.fraction(counts, "visual"))
         except BaseException:
@@ -144,7 +167,7 @@ def best_result(run: PSigmoidRun, seconds: float, params: dict[str, Any]) -> Sea
     return SearchResult(
         counts, "psigmoid", {**params, "start_layer": run.start_layer, "metric": run.scorer.metric},
         RULE, dict(RULE_PARAMS), SCORE_LAYER,
-        {"best_trial": best.number, "slope": best.params["slope"], "midpoint": best.params["midpoint"],
+        {"best_trial": best.number, "slope": best.params["slope"], "midpoint": best.attrs["midpoint_used"],
          "floor": best.attrs["floor"], "value": best.attrs["value"], "agreement": best.attrs["agreement"],
          "kl": best.attrs["kl"], "trials": len(run.backend.finished()), "feasible_trials": len(trials),
          "history": [{"trial": t.number, "objective": t.value, "feasible": bool(t.attrs.get("feasible")),
