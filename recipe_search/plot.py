@@ -14,6 +14,16 @@ from .recipe.io import write_atomic  # noqa: E402
 from .recipe.schema import Recipe  # noqa: E402
 
 
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    """Render to memory, then write atomically: an interrupted run never leaves half a PNG."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+    return Path(path)
+
+
 def recipe_label(recipe: Recipe) -> str:
     b = recipe.budget
     return (f"{recipe.method.name} {b.asked} ({recipe.selection.rule}; "
@@ -45,12 +55,7 @@ def plot_retention(recipes: Sequence[Recipe], path: str | Path, labels: Sequence
     ax.set_title(title or f"layer retention: {Path(model.name_or_path).name or model.family} "
                           f"({model.num_layers} layers, {n_max} visual tokens)")
     ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_history(trials: Sequence[dict], path: str | Path, title: str) -> Path:
@@ -74,9 +79,4 @@ def plot_history(trials: Sequence[dict], path: str | Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
-    return Path(path)
+    return _save(fig, path)
