@@ -91,3 +91,15 @@ def test_eval_existing_recipe_checks_checkpoint(random_checkpoint, random_demo, 
     processor.save_pretrained(other)
     _one_line_error(capsys, main(["eval", str(recipe), "--model", str(other), *common]), "allow-other-checkpoint")
     assert main(["eval", str(recipe), "--model", str(other), "--allow-other-checkpoint", *common]) == 0
+
+
+def test_interrupt_writes_nothing(random_checkpoint, tmp_path, capsys, monkeypatch):
+    import recipe_search.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "calibrate", interrupted)
+    code = main(["--model", str(random_checkpoint), "--eval", "none", "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.json"))
