@@ -3,11 +3,15 @@
 
 Stage 1 trains the CLIP vision tower with a temporary per-patch head on labels the world
 generator knows (shape, colour, side of each 8x8 cell). Stage 2 freezes the tower and trains
-projector + Llama decoder on multi-turn QA sequences, with an auxiliary loss that makes each
-projected visual token predict its own content words through the tied embedding, and a
-curriculum that starts with most *blank* visual tokens removed from the sequence (original
-position_ids kept) and anneals to full 144-token sequences by mid-training. The best step on
-the calib split is kept. See docs/demo-model.md.
+projector + Llama decoder on multi-turn QA sequences (8 turns per image), with
+- an auxiliary loss making each projected visual token predict its own content words through
+  the tied embedding,
+- a curriculum: scenes grow from 1 object to the full 5-8 over the first 30% of steps, and most
+  *blank* visual tokens are dropped from the sequence (survivors keep their original
+  position_ids) until the drop is annealed away at 50% of the steps,
+- layer-0 query/key maps warm-started as generic content-similarity heads (see similarity_init),
+- more count turns than other types in the training mixture.
+The best full-sequence step on the calib split is kept. See docs/demo-model.md.
 
 Reproducible: fixed seed and a pinned thread count give bit-identical weights.
 """
@@ -53,7 +57,6 @@ class Vocab:
 
     def __init__(self, tokenizer) -> None:
         self.ids = tokenizer.get_vocab()
-        self.words = {i: w for w, i in self.ids.items()}
 
     def encode(self, text: str) -> list[int]:
         return [self.ids[w] for w in text.split()]
@@ -75,17 +78,26 @@ def turn_ids(vocab: Vocab, question: str, answer: str, first: bool) -> tuple[lis
     return ids + [vocab.ids[answer], vocab.ids[build.EOS]], pos, vocab.ids[answer]
 
 
-def make_batch(vocab: Vocab, split: str, seed: int, start: int, size: int, turns: int) -> Batch:
-    """Images start..start+size-1 of the split's stream, each with `turns` questions (types mixed)."""
+def make_batch(vocab: Vocab, split: str, seed: int, start: int, size: int, turns: int,
+               n_objects: tuple[int, int] = (world.MIN_OBJECTS, world.MAX_OBJECTS),
+               type_weights: np.ndarray | None = None) -> Batch:
+    """Images start..start+size-1 of the split's stream, each with `turns` questions.
+
+    Question types go round-robin, or are drawn with `type_weights` (training spends more turns
+    on the types that are learned last).
+    """
     images, shapes, colours, sides, texts, apos, answers, qtypes = [], [], [], [], [], [], [], []
     side_row = [0 if c < world.GRID // 2 else 1 for c in range(world.GRID)] * world.GRID
     for i in range(start, start + size):
         rng = world.split_rng(split, seed, i)
-        scene = world.sample_scene(split, rng)
+        scene = world.sample_scene(split, rng, n_objects)
         ids, pos, ans, types = [], [], [], []
         attempt = 0
-        while len(ans) < turns:
-            qtype = world.QUESTION_TYPES[(i + attempt) % len(world.QUESTION_TYPES)]
+        while len(ans) < turns and attempt < 8 * turns:
+            if type_weights is None:
+                qtype = world.QUESTION_TYPES[(i + attempt) % len(world.QUESTION_TYPES)]
+            else:
+                qtype = world.QUESTION_TYPES[int(rng.choice(len(world.QUESTION_TYPES), p=type_weights))]
             attempt += 1
             qa = world.ask(scene, qtype, rng, float(rng.random()))
             if qa is None:
@@ -115,7 +127,7 @@ def check_layout(vocab: Vocab, processor) -> None:
     """The hand-built training sequence must equal what the processor produces for the same chat."""
     rng = world.split_rng("calib", 12345, 0)
     scene = world.sample_scene("calib", rng)
-    qas = [world.ask(scene, "exist", rng, 0.2), world.ask(scene, "position", rng, 0.7)]
+    qas = [world.ask(scene, "exist", rng, 0.2), world.ask(scene, "exist", rng, 0.4)]
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qas[0][0]}]},
             {"role": "assistant", "content": [{"type": "text", "text": qas[0][1]}]},
             {"role": "user", "content": [{"type": "text", "text": qas[1][0]}]},
@@ -172,8 +184,8 @@ def train_vision(model, vocab: Vocab, args, log) -> None:
 class Stage2:
     """Projector + decoder training on frozen vision features."""
 
-    def __init__(self, model, vocab: Vocab, args) -> None:
-        self.model, self.vocab, self.args = model, vocab, args
+    def __init__(self, model, vocab: Vocab) -> None:
+        self.model, self.vocab = model, vocab
         self.lm = model.model.language_model
         self.prefix = torch.tensor([vocab.ids[build.BOS], vocab.ids["USER"], vocab.ids[":"]])
         # Aux-loss target: each visual token's own content words, uniform over them.
@@ -249,9 +261,37 @@ def evaluate(stage: Stage2, batches: list[Batch]) -> tuple[float, dict[str, floa
     return sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values()), per
 
 
+def similarity_init(model, layers: int, scale: float, seed: int) -> None:
+    """Warm-start the query/key maps of the first `layers` decoder layers as a shared random
+    projection (keys = P, queries = scale * P) onto the low-frequency rotary dims of each head.
+
+    Such a head attends from a token to tokens with similar content (e.g. from the word "circle"
+    to visual tokens whose aux-trained embedding contains "circle") at any distance. It is
+    generic, not a hand-built retrieval circuit, and training moves it freely; without it the
+    question-to-image binding did not form within the CPU budget (docs/demo-model.md).
+    """
+    cfg = model.config.text_config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    low = torch.tensor([i for i in range(hd) if i % (hd // 2) >= hd // 4])  # slow rotary frequencies
+    gen = torch.Generator().manual_seed(seed)
+    for layer in model.model.language_model.layers[:layers]:
+        q, k = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight
+        with torch.no_grad():
+            for kv in range(cfg.num_key_value_heads):
+                proj = torch.linalg.qr(torch.randn(cfg.hidden_size, low.numel(), generator=gen))[0].T
+                k[kv * hd:(kv + 1) * hd] = 0.0
+                k[kv * hd + low] = proj
+                for h in range(kv * groups, (kv + 1) * groups):
+                    q[h * hd:(h + 1) * hd] = 0.0
+                    q[h * hd + low] = scale * proj
+
+
 def train_decoder(model, vocab: Vocab, args, log) -> None:
     """Stage 2; restores the parameters of the best calib evaluation at the end."""
-    stage = Stage2(model, vocab, args)
+    stage = Stage2(model, vocab)
+    if args.similarity_layers:
+        similarity_init(model, args.similarity_layers, args.similarity_scale, args.seed)
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warm, total = args.warmup, args.steps
@@ -263,13 +303,18 @@ def train_decoder(model, vocab: Vocab, args, log) -> None:
 
     calib = [make_batch(vocab, "calib", args.seed, k * 50, 50, 1) for k in range(args.calib_questions // 50)]
     gen = torch.Generator().manual_seed(args.seed)
+    type_weights = np.array(args.type_weights, dtype=np.float64) / sum(args.type_weights)
     best, best_state, t0 = -1.0, None, time.time()
     start = args.vision_steps * args.vision_batch  # fresh training images after stage 1
     for step in range(1, total + 1):
-        b = make_batch(vocab, "train", args.seed, start + (step - 1) * args.batch, args.batch, args.turns)
+        progress = step / total
+        hi = min(world.MAX_OBJECTS, 1 + round((world.MAX_OBJECTS - 1) * progress / args.objects_until))
+        n_objects = (max(1, min(world.MIN_OBJECTS, hi - 3)), hi)
+        b = make_batch(vocab, "train", args.seed, start + (step - 1) * args.batch, args.batch, args.turns,
+                       n_objects, type_weights)
         with torch.no_grad():
             feats = vision_features(model, b.pixels)
-        keep = min(1.0, args.keep_start + (1 - args.keep_start) * step / (args.keep_until * total))
+        keep = min(1.0, args.keep_start + (1 - args.keep_start) * progress / args.keep_until)
         logits, visual, answers, _ = stage.forward(b, feats, keep, gen)
         loss_qa = F.cross_entropy(logits, answers)
         loss_aux = stage.aux_loss(visual, b)
@@ -282,6 +327,7 @@ def train_decoder(model, vocab: Vocab, args, log) -> None:
         opt.step()
         if step % 25 == 0:
             log(f"[decoder] step {step} qa {loss_qa.item():.4f} aux {loss_aux.item():.4f} keep {keep:.2f} "
+                f"objects {n_objects} "
                 f"({time.time() - t0:.0f}s)")
         if step % args.eval_every == 0 or step == total:
             acc, per = evaluate(stage, calib)
@@ -299,6 +345,9 @@ def save(model, processor, out: pathlib.Path, log) -> None:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=".ckpt-", dir=out.parent))
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint ships with the package
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     old = out.with_name(out.name + ".old")
     if out.exists():
         out.rename(old)
@@ -316,14 +365,21 @@ def main() -> None:
     ap.add_argument("--vision-steps", type=int, default=300)
     ap.add_argument("--vision-batch", type=int, default=32)
     ap.add_argument("--vision-lr", type=float, default=3e-3)
-    ap.add_argument("--steps", type=int, default=1200, help="stage-2 steps")
+    ap.add_argument("--steps", type=int, default=1300, help="stage-2 steps")
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--turns", type=int, default=8, help="QA turns per image in a training sequence")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--aux-weight", type=float, default=1.0)
-    ap.add_argument("--keep-start", type=float, default=0.05, help="share of blank visual tokens kept at step 0")
+    ap.add_argument("--objects-until", type=float, default=0.3,
+                    help="fraction of stage 2 over which scenes grow from 1 object to the full 5-8")
+    ap.add_argument("--keep-start", type=float, default=0.0, help="share of blank visual tokens kept at step 0")
     ap.add_argument("--keep-until", type=float, default=0.5, help="fraction of stage 2 after which all are kept")
+    ap.add_argument("--similarity-layers", type=int, default=1,
+                    help="decoder layers whose query/key maps start as content-similarity heads (0: none)")
+    ap.add_argument("--similarity-scale", type=float, default=2.0)
+    ap.add_argument("--type-weights", type=float, nargs=len(world.QUESTION_TYPES), default=[1.0, 3.0, 1.0, 1.0],
+                    help=f"training mixture of question types {world.QUESTION_TYPES}")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--calib-questions", type=int, default=400)
     args = ap.parse_args()

@@ -36,13 +36,13 @@ COUNT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three")
 SIDES: tuple[str, ...] = ("left", "right")
 BLANK = "blank"  # label of a patch without an object (used by the training aux loss only)
 
-QUESTION_TYPES: tuple[str, ...] = ("colour", "count", "exist", "position")
+QUESTION_TYPES: tuple[str, ...] = ("colour", "count", "exist", "shape")
 SPLITS: tuple[str, ...] = ("train", "calib", "eval")
 # Share of the layout-hash space owned by each split (out of 10 buckets).
 _SPLIT_BUCKETS: dict[str, range] = {"train": range(0, 8), "calib": range(8, 9), "eval": range(9, 10)}
 
 TEMPLATE_WORDS: tuple[str, ...] = (
-    "what", "colour", "is", "the", "how", "many", "shapes", "are", "there", "a", "which", "side", "?",
+    "what", "colour", "is", "the", "how", "many", "shapes", "are", "there", "a", "which", "shape", "?",
 )
 
 
@@ -150,11 +150,11 @@ def sample_scene(split: str, rng: np.random.Generator, n_objects: tuple[int, int
 def ask(scene: Scene, qtype: str, rng: np.random.Generator, u: float) -> tuple[str, str] | None:
     """A (question, answer) of type `qtype` about `scene`, or None if the scene has none.
 
-    Every template names its one key word (a shape, or the colour to count) right before "?",
+    Every template names its one key word (a shape or a colour) right before "?",
     i.e. at a fixed distance from the answer position; this keeps the question-to-image binding
     learnable from scratch on a CPU budget. Objects referred to by shape are unique in the scene.
 
-    `u` in [0, 1) picks the answer class (count 0-3, yes/no, left/right) and is kept by callers
+    `u` in [0, 1) picks the answer class (count 0-3, yes/no) and is kept by callers
     across scene resamples, so answers stay balanced and the question alone gives only chance;
     colours are uniform by construction.
     """
@@ -179,14 +179,13 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, u: float) -> tuple[s
         if not pool:
             return None
         return f"is there a {pool[int(rng.integers(len(pool)))]} ?", "yes" if u < 0.5 else "no"
-    if qtype == "position":
-        want = SIDES[int(u * len(SIDES))]
-        shape_counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
-        candidates = [o for o in objs if o.side == want and shape_counts[o.shape] == 1]
-        if not candidates:
+    if qtype == "shape":
+        colour_counts = {c: sum(o.colour == c for o in objs) for c in COLOURS}
+        unique = [o for o in objs if colour_counts[o.colour] == 1]
+        if not unique:
             return None
-        o = candidates[int(rng.integers(len(candidates)))]
-        return f"which side is the {o.shape} ?", o.side
+        o = unique[int(rng.integers(len(unique)))]
+        return f"which shape is {o.colour} ?", o.shape
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 
