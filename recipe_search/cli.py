@@ -17,6 +17,8 @@ examples:
   search-recipe --model ./llava-1.5-7b-hf --calib calib.jsonl --budget 40%
   search-recipe plot out/*.json --out curves.png
   search-recipe eval out/demo-fitprune-50pct.json      accuracy and prefill time of an existing recipe
+  search-recipe --budget 25% --selector ficoco-l        any method, another selection rule (recorded)
+  search-recipe compare --budget 50%,25%,12.5%          every selector x budget: table + Pareto plot
 
 budgets: 50% and 0.5 mean "the pruned model may use 50% of the unpruned language model's prefill
 FLOPs over the full sequence (text + visual tokens)"; --formula visual counts visual tokens only
@@ -58,12 +60,17 @@ def _search_parser() -> argparse.ArgumentParser:
                    help="fitprune (default; attention statistics), gsearch (greedy, least cost without loss "
                         "on model outputs), psigmoid (sigmoid schedule tuned by Bayesian optimisation to the "
                         "budget), or the baselines fastv (one drop at layer 2) and uniform (same count everywhere)")
+    p.add_argument("--selector", default=None,
+                   help="selection rule replacing the method's own: attention, fitprune, random, ficoco-l, dart "
+                        "(in the LLM) or ficoco-v, freepruner (freePruner-style) (in the vision tower: the "
+                        "schedule's first cut happens before the LLM); recorded in the recipe")
     p.add_argument("--calib", default="demo", help="calibration data: 'demo', a .jsonl file or a dataset folder")
     p.add_argument("--num-samples", type=int, default=64, help="calibration samples (default: 64)")
     p.add_argument("--formula", default="full", choices=["full", "visual"],
                    help="FLOPs formula a percentage budget is measured with (default: full)")
     p.add_argument("--start-layer", type=int, default=None,
-                   help="first decoder layer that may drop tokens (default: 0; 2 for fastv)")
+                   help="first decoder layer that may drop tokens (default: 0 for fitprune and uniform, 2 for "
+                        "fastv and gsearch, 2 for psigmoid or 1 when the budget needs it)")
     g = p.add_argument_group("gsearch / psigmoid (score schedules on what the model answers)")
     g.add_argument("--search-set", default=None,
                    help="samples the schedules are scored on: 'demo', .jsonl or dataset folder (default: the "
@@ -192,8 +199,14 @@ class _Session:
         print(f"  visual tokens kept entering each layer: "
               + " ".join(f"{i}:{c}" for i, c in enumerate(recipe.schedule.counts)))
         found = ", ".join(f"{k} {v:.4g}" for k, v in recipe.method.result.items() if isinstance(v, (int, float)))
-        print(f"  search: {recipe.method.name} ({found}); selection rule {recipe.selection.rule}, "
-              f"scored at the {recipe.selection.score_layer} layer")
+        start = recipe.method.params.get("start_layer", recipe.method.params.get("drop_layer"))
+        print(f"  search: {recipe.method.name}, pruning from layer {start} ({found}); selection rule "
+              f"{recipe.selection.rule}, scored at the {recipe.selection.score_layer} layer")
+        if recipe.vision is not None:
+            print(f"  pre-LLM stage: {recipe.vision.rule} keeps {recipe.schedule.counts[0]} of "
+                  f"{recipe.schedule.visual_tokens} patches at vision encoder layer {recipe.vision.encoder_layer}; "
+                  f"vision encoder FLOPs {b.achieved['vision_encoder']:.1%}, LM full + vision "
+                  f"{b.achieved['full_with_vision']:.1%}")
         if self.held_out is not None:
             pruned = accuracy(greedy_answers(lm.model, lm.processor, lm.adapter, self.held_out, plan,
                                              batch_size=self.args.batch_size, progress=not self.args.quiet,
@@ -252,6 +265,10 @@ def _run_search(argv: Sequence[str]) -> int:
                     n_trials=args.n_trials, n_workers=args.n_workers)
     if not 0 <= args.tolerance < 1:
         raise ValueError(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    if args.selector is not None:
+        from .runtime.selection import make_rule
+
+        make_rule(args.selector)
 
     from .calibration import load_samples
     from .pipeline import SearchOptions, search_recipes
@@ -279,8 +296,10 @@ def _run_search(argv: Sequence[str]) -> int:
         )
         outcome = search_recipes(loaded, calib, budgets, method=args.method, options=options, search_set=search_set,
                                  model_source=session.source, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                                 batch_size=args.batch_size, progress=not args.quiet)
+                                 batch_size=args.batch_size, progress=not args.quiet, selector=args.selector)
     name = Path(loaded.name_or_path).name or "model"
+    if args.selector:
+        name = f"{name}-{args.selector}"
     paths = [save_recipe(r, out / f"{name}-{args.method}-{_budget_slug(r.budget.asked) if r.budget.kind != 'none' else 'least-cost'}.json")
              for r in outcome.recipes]
     plot_path = plot_retention(outcome.recipes, args.plot or out / f"{name}-{args.method}-retention.png")
@@ -340,7 +359,9 @@ class _TrialBar:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"plot": _run_plot, "eval": _run_eval}
+    from .compare import run_compare
+
+    commands = {"plot": _run_plot, "eval": _run_eval, "compare": run_compare}
     try:
         if argv[:1] and argv[0] in commands:
             return commands[argv[0]](argv[1:])

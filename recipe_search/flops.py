@@ -14,6 +14,12 @@ For a multi-head model (kvH = H, H·dh = d) this is FitPrune's 4nd² + 2n²d + 3
 * ``full``   (default): n = every token in the layer (text + visual kept); the budget is a fraction
   of the unpruned model's prefill FLOPs over the full sequence.
 * ``visual``: n = visual tokens only, FitPrune's accounting; text tokens are ignored.
+
+The vision encoder (stated separately, per image, same convention): per ViT layer for n tokens
+(patches + CLS) ``4·n·dv² + 2·n²·dv + 2·n·dv·mv`` (Q, K, V, O; QKᵀ and A·V; a two-matrix MLP),
+every encoder layer counted (transformers runs them all even when the LLM reads an earlier one),
+plus the projector's MACs for each patch it projects. A pre-LLM selection stage at the input of
+encoder layer s runs layers >= s and the projector on the kept patches only.
 """
 from __future__ import annotations
 
@@ -22,11 +28,16 @@ from typing import Sequence
 
 import numpy as np
 
-from .models.base import ModelDims
+from .models.base import ModelDims, VisionLayout
 
 FORMULAS: dict[str, str] = {
     "full": "full-sequence LM prefill: sum over layers of F(text + visual kept), F per flops.py, MAC=1",
     "visual": "visual-only LM prefill (FitPrune): sum over layers of F(visual kept), F per flops.py, MAC=1",
+}
+VISION_FORMULAS: dict[str, str] = {
+    "vision_encoder": "vision encoder + projector per image: sum over ViT layers of 4n·dv² + 2n²·dv + 2n·dv·mv "
+                      "(n = patches + CLS in the layer) + projector MACs per patch kept, MAC=1",
+    "full_with_vision": "full-sequence LM prefill plus vision encoder + projector, as a share of the unpruned sum",
 }
 
 
@@ -67,3 +78,27 @@ class CostModel:
 
     def mean_tokens(self, schedule: Sequence[int]) -> float:
         return float(np.mean(schedule))
+
+
+@dataclass(frozen=True)
+class VisionCost:
+    """Vision-encoder + projector MACs per image, with an optional pre-LLM stage at `stage_layer`."""
+
+    layout: VisionLayout
+    stage_layer: int | None = None   # encoder layer whose input the stage reduces; None = no stage
+
+    def layer(self, n: int) -> float:
+        v, m = self.layout.hidden_size, self.layout.intermediate_size
+        return float(4 * n * v * v + 2 * n * n * v + 2 * n * v * m)
+
+    def total(self, kept: int) -> float:
+        """MACs when `kept` patches survive the stage (all of them without a stage)."""
+        lay = self.layout
+        kept = lay.patches if self.stage_layer is None else kept
+        cls = int(lay.has_cls)
+        start = lay.num_layers if self.stage_layer is None else self.stage_layer
+        return (start * self.layer(lay.tokens) + (lay.num_layers - start) * self.layer(kept + cls)
+                + kept * lay.projector_macs_per_token)
+
+    def unpruned(self) -> float:
+        return VisionCost(self.layout).total(self.layout.patches)

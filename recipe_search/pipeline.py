@@ -16,10 +16,11 @@ from .models import ModelAdapter
 from .recipe.build import make_recipe, model_identity
 from .recipe.schema import CalibrationRecord, Recipe
 from .runtime.selection import make_rule
-from .search import DEFAULT_START_LAYER, METHODS, SearchResult
+from .search import DEFAULT_START_LAYER, METHODS, InfeasibleBudgetError, SearchResult
 from .search import gsearch, psigmoid
 from .search.objective import ScheduleScorer
 from .search.optimizers import default_storage, make_backend
+from .selectors import apply_selector
 from .stats import CalibrationStats
 
 BUDGETLESS = ("gsearch",)   # methods that find their own cost (least cost without loss)
@@ -130,11 +131,33 @@ def run_workers(source: str, loaded: LoadedModel, search_set: SampleSet, budget:
         raise RuntimeError(f"{len(failed)} of {len(procs)} search workers failed (exit codes {failed})")
 
 
+def _psigmoid_start(scorer: ScheduleScorer, budget: Budget, costs: CostModel, asked: int | None) -> int:
+    """The start layer: as asked, or by default 2, else 1 when keeping layers 0-1 whole is over budget.
+
+    (Shallow models meet small budgets only by pruning early; layer 0's attention is never used.)
+    """
+    layers = len(scorer.layers)
+    if asked is not None:
+        psigmoid.check_feasible(scorer.visual_tokens, layers, asked, budget, costs)
+        return asked
+    for start in (DEFAULT_START_LAYER["psigmoid"], 1):
+        try:
+            psigmoid.check_feasible(scorer.visual_tokens, layers, start, budget, costs)
+            return start
+        except InfeasibleBudgetError:
+            continue
+    psigmoid.check_feasible(scorer.visual_tokens, layers, 1, budget, costs)  # raises, naming the budget
+    return 1
+
+
 def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budget | None], *,
                    method: str = "fitprune", options: SearchOptions = SearchOptions(),
                    search_set: SampleSet | None = None, model_source: str | None = None,
-                   cache_dir: Path | None = None, batch_size: int = 8, progress: bool = True) -> SearchOutcome:
+                   cache_dir: Path | None = None, batch_size: int = 8, progress: bool = True,
+                   selector: str | None = None) -> SearchOutcome:
     """One calibration pass (or cache hit), then one search and one recipe per budget.
+
+    `selector` names a selection rule that replaces the method's own in every recipe (selectors.py).
 
     `budgets` is ignored (one recipe) for methods in BUDGETLESS. Output-scoring methods score on
     `search_set`, by default the calibration samples.
@@ -158,7 +181,7 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
         assert budget is not None
         if method == "psigmoid":
             assert scorer is not None
-            psigmoid.check_feasible(scorer.visual_tokens, len(scorer.layers), start, budget, costs)
+            start = _psigmoid_start(scorer, budget, costs, options.start_layer)
             run = _psigmoid_run(loaded, searched, budget, costs, options, start, "main", scorer)
             params = {"optimizer": options.optimizer, "n_trials": options.n_trials, "n_startup": options.n_startup,
                       "seed": options.seed, "search_set": searched.source, "search_samples": len(searched),
@@ -179,4 +202,6 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
         if result.method in OUTPUT_SEARCHES:
             result.result["kendall_tau"] = stats.kendall_tau.round(3).tolist()
     recipes = [make_recipe(r, b, costs, identity, calib) for b, r in results]
+    if selector is not None:
+        recipes = [apply_selector(r, loaded.adapter, costs, selector) for r in recipes]
     return SearchOutcome(stats, cached, costs, recipes, [r for _, r in results])

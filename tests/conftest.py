@@ -31,3 +31,13 @@ def random_demo():
     torch.manual_seed(0)
     model = build.build_model(tokenizer).eval()
     return model, processor, get_adapter(model)
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory, random_demo):
+    """The random demo model saved as a local checkpoint folder, for command-line tests."""
+    model, processor, _ = random_demo
+    folder = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

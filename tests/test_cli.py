@@ -10,15 +10,6 @@ from recipe_search import load_recipe
 from recipe_search.cli import main
 
 
-@pytest.fixture(scope="module")
-def random_checkpoint(tmp_path_factory, random_demo):
-    model, processor, _ = random_demo
-    folder = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def _one_line_error(capsys, code, message):
     out = capsys.readouterr()
     assert code == 2

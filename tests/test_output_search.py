@@ -13,9 +13,13 @@ from recipe_search.search.optimizers import OptimizerError, OptunaBackend, defau
 
 
 @pytest.fixture(scope="module")
-def loaded(random_demo):
-    model, processor, adapter = random_demo
-    return LoadedModel(model, processor, adapter, "random-demo")
+def loaded():
+    """The shipped, trained demo model: searches must work on a model whose answers mean something."""
+    from recipe_search.demo import demo_checkpoint
+    from recipe_search.models.loading import load_model
+
+    model, processor, adapter = load_model(demo_checkpoint())
+    return LoadedModel(model, processor, adapter, "demo")
 
 
 @pytest.fixture(scope="module")
@@ -127,17 +131,30 @@ def test_interrupted_run_resumes_with_every_finished_trial(loaded, search_set, c
     assert len(numbers) == 6 and set(t.number for t in done) <= set(numbers)
 
 
-def test_two_workers_share_one_study(loaded, search_set, costs, tmp_path, random_demo):
-    model, processor, _ = random_demo
-    model.save_pretrained(tmp_path / "ckpt")
-    processor.save_pretrained(tmp_path / "ckpt")
+def test_two_workers_share_one_study(loaded, search_set, costs, tmp_path):
+    from recipe_search.demo import demo_checkpoint
+
     options = SearchOptions(n_trials=6, n_startup=2, work_dir=tmp_path, batch_size=6, n_workers=2)
     budget = parse_budget("50%")
     name = study_name(loaded, search_set, budget, options, 2)
     storage = default_storage(tmp_path, "psigmoid-trials")
     OptunaBackend(psigmoid.search_space(8, 2), storage, name)  # the study the workers join
-    run_workers(str(tmp_path / "ckpt"), loaded, search_set, budget, costs, options, 2)
+    run_workers(str(demo_checkpoint()), loaded, search_set, budget, costs, options, 2)
     backend = OptunaBackend(psigmoid.search_space(8, 2), storage, name, resume=True)
     done = backend.finished()
     assert len(done) == 6
     assert {t.attrs["worker"] for t in done} == {"worker-0", "worker-1"}
+
+
+def test_psigmoid_starts_earlier_only_when_the_budget_needs_it(loaded, search_set, tmp_path):
+    from recipe_search.search import InfeasibleBudgetError
+
+    options = SearchOptions(n_trials=3, n_startup=2, work_dir=tmp_path, batch_size=6)
+    outcome = search_recipes(loaded, search_set, [parse_budget("50%"), parse_budget("25%")], method="psigmoid",
+                             options=options, cache_dir=tmp_path / "cache", progress=False)
+    assert [r.method.params["start_layer"] for r in outcome.recipes] == [2, 1]
+    assert outcome.recipes[1].schedule.counts[0] == 144 and outcome.recipes[1].budget.achieved["full"] <= 0.25
+    with pytest.raises(InfeasibleBudgetError, match="pruning from layer 2 on"):
+        search_recipes(loaded, search_set, [parse_budget("25%")], method="psigmoid",
+                       options=SearchOptions(start_layer=2, n_trials=3, work_dir=tmp_path / "b"),
+                       cache_dir=tmp_path / "cache", progress=False)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from recipe_search.runtime import PruningError, PruningHandle, PruningPlan, make_rule
+from checks import assert_cached_decode_equals_reforward, assert_padded_batch_equals_rows_alone
 from tiny_models import llava_inputs, tiny_llava
 
 PLANS = {
@@ -44,31 +45,12 @@ def test_keep_all_generate_is_identical(model):
 
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
 def test_cached_decode_equals_pruned_reforward(model, plan_name):
-    inputs = llava_inputs([[11, 12, 13], [14, 15]], seed=1)
-    steps = 5
-    prompt = inputs["input_ids"].shape[1]
-    with PruningHandle(model, _plan(plan_name)) as handle:
-        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
-        assert handle.last_counts == list(PLANS[plan_name][0])
-        handle.prompt_len = prompt
-        for t in range(steps):
-            mask = torch.cat([inputs["attention_mask"], torch.ones(2, t, dtype=torch.long)], dim=1)
-            ref = model(input_ids=out.sequences[:, : prompt + t], attention_mask=mask,
-                        pixel_values=inputs["pixel_values"], use_cache=False).logits[:, -1]
-            assert (ref - out.logits[t]).abs().max().item() <= 1e-5
+    assert_cached_decode_equals_reforward(model, _plan(plan_name))
 
 
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
 def test_padded_batch_equals_rows_alone(model, plan_name):
-    prompts = [[11, 12, 13, 16, 17], [14, 15]]
-    batch = llava_inputs(prompts, seed=2)
-    with PruningHandle(model, _plan(plan_name)):
-        together = model(**batch).logits[:, -1]
-        for i, p in enumerate(prompts):
-            alone = llava_inputs([p], seed=2)
-            alone["pixel_values"] = batch["pixel_values"][i : i + 1]
-            assert (model(**alone).logits[:, -1] - together[i]).abs().max().item() <= 1e-5
+    assert_padded_batch_equals_rows_alone(model, _plan(plan_name))
 
 
 def test_manual_cached_continuation_matches_generate(llava_sdpa):

@@ -9,22 +9,31 @@ from transformers import (
     LlavaForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
 )
 
 IMAGE_TOKEN = 5
 VOCAB = 64
 
 
-def tiny_llava(attn: str = "sdpa", seed: int = 0, layers: int = 6) -> LlavaForConditionalGeneration:
-    """CLIP (32 px, patch 4 -> 64 visual tokens) + Llama h64 with GQA (4 heads, 2 KV heads)."""
+def tiny_llava(attn: str = "sdpa", seed: int = 0, layers: int = 6, tower: str = "clip") -> LlavaForConditionalGeneration:
+    """CLIP (32 px, patch 4 -> 64 visual tokens, CLS dropped) + Llama h64 with GQA (4 heads, 2 KV heads).
+
+    tower="siglip": a 3-layer SigLIP tower without CLS instead (all 64 patches reach the LLM).
+    """
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=4, projection_dim=32)
+    if tower == "siglip":
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                    image_size=32, patch_size=4)
+    else:
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=32, patch_size=4, projection_dim=32)
     text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+                         vision_feature_layer=-1,
+                         vision_feature_select_strategy="full" if tower == "siglip" else "default")
     config._attn_implementation = attn
     model = LlavaForConditionalGeneration(config).eval()
     model.set_attn_implementation(attn)

@@ -51,6 +51,29 @@ class Architecture:
         }
 
 
+@dataclass(frozen=True)
+class VisionLayout:
+    """Where a pre-LLM selection stage can act in the vision tower, and what it costs.
+
+    `feature_index` indexes the tower's hidden-state tuple the LLM reads (0 = embeddings, i =
+    output of encoder layer i-1); `has_cls` says whether the tower prepends a CLS token that the
+    LLM does not see; `patches` is the number of visual tokens the LLM receives per image.
+    """
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    feature_index: int
+    has_cls: bool
+    patches: int
+    projector_macs_per_token: int
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the tower's sequence (patches plus CLS)."""
+        return self.patches + int(self.has_cls)
+
+
 class ModelAdapter(ABC):
     """Knows where a family keeps its decoder layers, image tokens, sizes and prompt format."""
 
@@ -119,6 +142,26 @@ class ModelAdapter(ABC):
         k = attn.k_proj(x).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, repeat_kv(k, attn.num_key_value_groups)
+
+    # -- vision tower (pre-LLM selection stage) ------------------------------------------------
+    def vision_layout(self) -> VisionLayout:
+        raise ValueError(f"vision-side selection is not supported for the {self.family} family")
+
+    def vision_layers(self) -> Sequence[nn.Module]:
+        raise ValueError(f"vision-side selection is not supported for the {self.family} family")
+
+    def projector(self) -> nn.Module:
+        raise ValueError(f"vision-side selection is not supported for the {self.family} family")
+
+    @staticmethod
+    def vision_query_key(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Queries and keys (B, H, n, dh) of a ViT encoder layer (CLIP/SigLIP layout), and its scale."""
+        attn = layer.self_attn
+        x = layer.layer_norm1(hidden)
+        bsz, length, _ = x.shape
+        q = attn.q_proj(x).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
+        return q, k, float(attn.scale)
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last decoder layer's output (B, q, d): final norm, then the LM head."""

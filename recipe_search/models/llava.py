@@ -5,8 +5,9 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
+from torch import nn
 
-from .base import ModelAdapter, chat_prompt
+from .base import ModelAdapter, VisionLayout, chat_prompt
 
 
 class LlavaAdapter(ModelAdapter):
@@ -18,6 +19,32 @@ class LlavaAdapter(ModelAdapter):
         patches = (int(vc.image_size) // int(vc.patch_size)) ** 2
         # "default" drops the CLS feature, "full" keeps it.
         return patches + (1 if self.config.vision_feature_select_strategy == "full" else 0)
+
+    def _tower(self) -> nn.Module:
+        tower = self.model.model.vision_tower
+        return getattr(tower, "vision_model", tower)  # older transformers wrap the transformer once more
+
+    def vision_layers(self) -> Sequence[nn.Module]:
+        return self._tower().encoder.layers
+
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def vision_layout(self) -> VisionLayout:
+        """CLIP-style towers with CLS (strategy "default") or towers without CLS such as SigLIP ("full")."""
+        vc, layer = self.config.vision_config, self.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError("vision-side selection needs a single vision_feature_layer, not a list")
+        has_cls = hasattr(self._tower().embeddings, "class_embedding")
+        if has_cls != (self.config.vision_feature_select_strategy == "default"):
+            raise ValueError("vision-side selection supports a CLS tower with strategy 'default' or a tower "
+                             "without CLS with strategy 'full'")
+        depth = int(vc.num_hidden_layers)
+        macs = sum(m.in_features * m.out_features for m in self.projector().modules() if isinstance(m, nn.Linear))
+        return VisionLayout(num_layers=depth, hidden_size=int(vc.hidden_size),
+                            intermediate_size=int(vc.intermediate_size), feature_index=layer % (depth + 1),
+                            has_cls=has_cls, patches=(int(vc.image_size) // int(vc.patch_size)) ** 2,
+                            projector_macs_per_token=macs)
 
     def build_inputs(
         self, processor: Any, images: Sequence[Image.Image], prompts: Sequence[str]

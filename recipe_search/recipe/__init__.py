@@ -11,8 +11,9 @@ from .schema import (
     RecipeError,
     Schedule,
     Selection,
+    VisionSelection,
 )
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "BudgetRecord", "CalibrationRecord", "MethodRecord", "ModelIdentity",
-           "Recipe", "RecipeError", "Schedule", "Selection", "load_recipe", "recipe_from_dict", "save_recipe",
+           "Recipe", "RecipeError", "Schedule", "Selection", "VisionSelection", "load_recipe", "recipe_from_dict", "save_recipe",
            "write_atomic"]

@@ -1,11 +1,13 @@
 """Turn a search result into a recipe: model identity, budget achieved, schedule, provenance."""
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
+from typing import Sequence
 
 from .. import __version__
 from ..budget import Budget
-from ..flops import FORMULAS, CostModel
+from ..flops import FORMULAS, VISION_FORMULAS, CostModel, VisionCost
 from ..models import ModelAdapter
 from ..search import SearchResult
 from .schema import (
@@ -38,14 +40,29 @@ def budget_record(budget: Budget | None, counts: tuple[int, ...], costs: CostMod
         asked, kind, value, formula = budget.text or budget.describe(), budget.kind, budget.value, budget.formula
     return BudgetRecord(
         asked=asked, kind=kind, value=value, formula=formula,
-        achieved={
-            "full": costs.fraction(counts, "full"),
-            "visual": costs.fraction(counts, "visual"),
-            "mean_visual_tokens": costs.mean_tokens(counts),
-        },
+        achieved=lm_shares(counts, costs),
         formulas=dict(FORMULAS),
         text_tokens_mean=float(sum(costs.text_tokens) / len(costs.text_tokens)),
     )
+
+
+def lm_shares(counts: Sequence[int], costs: CostModel) -> dict[str, float]:
+    """LM prefill FLOPs under both formulas (shares of unpruned) and the mean visual tokens per layer."""
+    return {"full": costs.fraction(counts, "full"), "visual": costs.fraction(counts, "visual"),
+            "mean_visual_tokens": costs.mean_tokens(counts)}
+
+
+def vision_shares(counts: Sequence[int], costs: CostModel, vision: VisionCost) -> dict[str, float]:
+    """The vision encoder's share of its unpruned cost, and LM (full) + vision as a share of both unpruned."""
+    kept = vision.total(counts[0])
+    return {"vision_encoder": kept / vision.unpruned(),
+            "full_with_vision": (costs.total(counts, "full") + kept) / (costs.unpruned("full") + vision.unpruned())}
+
+
+def with_vision_costs(record: BudgetRecord, counts: Sequence[int], costs: CostModel, vision: VisionCost) -> BudgetRecord:
+    """`record` achieved by `counts`, plus the vision encoder's cost (recipes with a pre-LLM stage state it)."""
+    return replace(record, achieved={**record.achieved, **lm_shares(counts, costs), **vision_shares(counts, costs, vision)},
+                   formulas={**record.formulas, **VISION_FORMULAS})
 
 
 def make_recipe(result: SearchResult, budget: Budget | None, costs: CostModel, identity: ModelIdentity,

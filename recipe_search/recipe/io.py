@@ -11,7 +11,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .schema import (
     FORMAT,
-    FORMAT_VERSION,
+    READABLE_VERSIONS,
     BudgetRecord,
     CalibrationRecord,
     MethodRecord,
@@ -20,6 +20,7 @@ from .schema import (
     RecipeError,
     Schedule,
     Selection,
+    VisionSelection,
 )
 
 _SECTIONS = {
@@ -114,6 +115,27 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError(f"budget.kind: {b.kind!r} is not 'flops', 'tokens' or 'none'")
     if recipe.selection.score_layer not in ("same", "previous"):
         raise RecipeError(f"selection.score_layer: {recipe.selection.score_layer!r} is not 'same' or 'previous'")
+    _check_rule("selection", recipe.selection.rule, recipe.selection.params, "llm")
+    if recipe.vision is not None:
+        _check_rule("vision", recipe.vision.rule, recipe.vision.params, "vision")
+        if recipe.vision.encoder_layer < 0:
+            raise RecipeError("vision.encoder_layer: must not be negative")
+
+
+def _check_rule(section: str, name: str, params: dict[str, Any], stage: str) -> None:
+    """The rule exists, runs at `stage` and accepts its parameters."""
+    from ..runtime.selection import RULES, make_rule
+
+    if name not in RULES:
+        raise RecipeError(f"{section}.rule: unknown selection rule {name!r}; known: {', '.join(sorted(RULES))}")
+    if RULES[name].stage != stage:
+        where = "in the vision tower" if stage == "llm" else "in the LLM"
+        raise RecipeError(f"{section}.rule: {name!r} runs {where}; "
+                          f"{'put it in the vision section' if stage == 'llm' else 'put it in the selection section'}")
+    try:
+        make_rule(name, params)
+    except ValueError as exc:
+        raise RecipeError(f"{section}.params: {exc}") from None
 
 
 def recipe_from_dict(data: Any) -> Recipe:
@@ -123,16 +145,19 @@ def recipe_from_dict(data: Any) -> Recipe:
     if data.get("format") != FORMAT:
         raise RecipeError(f"format: expected {FORMAT!r}, got {data.get('format')!r} (not a recipe-search recipe?)")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise RecipeError(f"format_version: {version!r} is not supported (this tool reads version {FORMAT_VERSION})")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise RecipeError(f"format_version: {version!r} is not supported (this tool reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))})")
     sections = {name: _build(cls, data.get(name), name) for name, cls in _SECTIONS.items()}
-    unknown = sorted(set(data) - set(_SECTIONS) - {"format", "format_version", "tool_version", "created"})
+    known = {*_SECTIONS, "format", "format_version", "tool_version", "created"} | ({"vision"} if version >= 2 else set())
+    unknown = sorted(set(data) - known)
     if unknown:
-        raise RecipeError(f"{unknown[0]}: unknown field")
+        raise RecipeError(f"{unknown[0]}: unknown field" + (" in format_version 1" if unknown[0] == "vision" else ""))
     for key in ("tool_version", "created"):
         if not isinstance(data.get(key), str):
             raise RecipeError(f"{key}: expected a string")
-    recipe = Recipe(**sections, tool_version=data["tool_version"], created=data["created"])
+    vision = None if data.get("vision") is None else _build(VisionSelection, data["vision"], "vision")
+    recipe = Recipe(**sections, tool_version=data["tool_version"], created=data["created"], vision=vision)
     _validate(recipe)
     return recipe
 

@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FORMAT = "recipe-search/recipe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this tool reads: 1 is 2 without the optional `vision` section.
+READABLE_VERSIONS = (1, 2)
 
 
 class RecipeError(ValueError):
@@ -62,6 +64,16 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class VisionSelection:
+    """The pre-LLM stage (format 2): `rule` keeps schedule.counts[0] patches inside the vision tower,
+    at the input of encoder layer `encoder_layer`, before the projector."""
+
+    rule: str
+    params: dict[str, Any]
+    encoder_layer: int
+
+
+@dataclass(frozen=True)
 class MethodRecord:
     name: str
     params: dict[str, Any]
@@ -86,10 +98,18 @@ class Recipe:
     calibration: CalibrationRecord
     tool_version: str
     created: str
+    vision: VisionSelection | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        # The two header fields first, so `head recipe.json` tells what the file is.
-        return {"format": d.pop("format"), "format_version": d.pop("format_version"), **d}
+        # The two header fields first, so `head recipe.json` tells what the file is; the pre-LLM
+        # stage right after the LLM-side selection.
+        out = {"format": d.pop("format"), "format_version": d.pop("format_version")}
+        vision = d.pop("vision")
+        for key, value in d.items():
+            out[key] = value
+            if key == "selection":
+                out["vision"] = vision
+        return out

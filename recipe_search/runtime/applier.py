@@ -2,8 +2,10 @@
 
 Nothing in the model is patched: a pre-hook on the top model notes each forward's image mask,
 padding and prompt, and a pre-hook on every decoder layer drops visual tokens at the scheduled
-layers and re-indexes what the model loop keeps passing at full length (RoPE cos/sin, position
-ids, attention mask). Survivors keep their original RoPE positions. During cached decoding each
+layers (merging rules also rewrite the survivors' hidden states) and re-indexes what the model
+loop keeps passing at full length (RoPE cos/sin, position ids, attention mask). A plan with a
+vision stage (vision.py) selects patches in the vision tower first; layer 0 then drops the other
+placeholders. Survivors keep their original RoPE positions. During cached decoding each
 layer's attention mask is rebuilt for that layer's own KV layout, since layers may hold different
 numbers of keys. `remove()` detaches every hook and leaves the model exactly as it was.
 """
@@ -20,7 +22,8 @@ from transformers import DynamicCache
 
 from ..models import ModelAdapter, get_adapter
 from .plan import PruningPlan
-from .selection import ScoreContext
+from .selection import Choice, ScoreContext, ScoringRule
+from .vision import VisionStage
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -89,15 +92,25 @@ class PruningHandle:
         #: Visual tokens entering each layer in the last pruned prefill.
         self.last_counts: list[int] = []
         self._state: _Forward | None = None
+        self._vision: VisionStage | None = None
         self._hooks = [model.register_forward_pre_hook(self._top_hook, with_kwargs=True)]
         for idx, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
+        if plan.vision is not None:
+            try:
+                self._vision = VisionStage(self.adapter, plan.vision, plan.vision_layer,
+                                           lambda n: plan.counts_for(n)[0])
+            except ValueError:
+                self.remove()
+                raise
 
     # -- lifecycle -------------------------------------------------------------------------------
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self._vision is not None:
+            self._vision.remove()
         self._state = None
 
     def __enter__(self) -> "PruningHandle":
@@ -112,6 +125,8 @@ class PruningHandle:
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
         has_image = input_ids is not None and bool((input_ids == self.adapter.image_token_id).any())
+        if self._vision is not None and kwargs.get("pixel_values") is not None:
+            self._vision.forget()  # this forward encodes its images itself
         if past == 0:
             self._state = None
             if has_image and input_ids.shape[1] > 1:
@@ -227,11 +242,9 @@ class PruningHandle:
         cos, sin = self._gathered_rope(kwargs["position_embeddings"], state, batch)
         target = state.targets[idx]
         live = int(state.visual[0].sum())
-        if target < live:
-            scores = state.pending_scores
-            if scores is None:
-                scores = self.plan.rule.score(self._context(idx, layer, hidden, cos, sin))
-            hidden = self._drop(hidden, scores, target)
+        choice = self._choice(idx, layer, hidden, cos, sin, target, live)
+        if choice is not None:
+            hidden = self._apply(hidden, choice)
             state.gathered.clear()
             cos, sin = self._gathered_rope(kwargs["position_embeddings"], state, batch)
             state.pruning_started = True
@@ -244,6 +257,7 @@ class PruningHandle:
             and nxt < len(state.targets)
             and (state.targets[nxt] < live or (self.score_ahead and live > 0))
         ):
+            assert isinstance(self.plan.rule, ScoringRule)
             state.pending_scores = self.plan.rule.score(self._context(idx, layer, hidden, cos, sin))
         if nxt == len(state.targets):
             self.last_counts = list(state.counts)
@@ -262,6 +276,25 @@ class PruningHandle:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
+    def _choice(self, idx: int, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                target: int, live: int) -> Choice | None:
+        """What survives entering layer `idx`: the vision stage's pick at layer 0, else the rule's, if any drop."""
+        state = self._state
+        assert state is not None
+        if self._vision is not None and idx == 0:
+            kept = self._vision.take()
+            if kept is None and target < live:
+                raise PruningError("the vision stage did not run for this prefill: pass the image's pixel_values")
+            if kept is not None:
+                if hidden.shape[0] % kept.shape[0]:
+                    raise PruningError("the vision stage saw a batch that does not match this prefill")
+                return Choice(kept.repeat_interleave(hidden.shape[0] // kept.shape[0], dim=0))
+        if target >= live:
+            return None
+        if state.pending_scores is not None:
+            return Choice.top(state.pending_scores, target)
+        return self.plan.rule.select(self._context(idx, layer, hidden, cos, sin), target)
+
     def _context(self, idx: int, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> ScoreContext:
         state = self._state
@@ -276,19 +309,23 @@ class PruningHandle:
             row_keys=state.row_keys,
         )
 
-    def _drop(self, hidden: torch.Tensor, scores: torch.Tensor, target: int) -> torch.Tensor:
-        """Keep text and the `target` best visual tokens of every row, in their original order."""
+    def _apply(self, hidden: torch.Tensor, choice: Choice) -> torch.Tensor:
+        """Keep text and the chosen visual tokens of every row in their original order; merge if asked."""
         state = self._state
         assert state is not None and state.cols is not None and state.visual is not None
         visual = state.visual
+        width = hidden.shape[-1]
         vis_pos = visual.nonzero()[:, 1].view(visual.shape[0], -1)
-        keep_vis = vis_pos.gather(1, scores.topk(target, dim=1).indices)
-        keep = ~visual
-        keep = keep.scatter(1, keep_vis, True)
+        keep = (~visual).scatter(1, vis_pos.gather(1, choice.keep), True)
         positions = keep.nonzero()[:, 1].view(keep.shape[0], -1)
         state.cols = state.cols.gather(1, positions)
         state.visual = visual.gather(1, positions)
-        return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        out = hidden.gather(1, positions[..., None].expand(-1, -1, width))
+        if choice.merge is None:
+            return out
+        merged = choice.merge @ hidden.gather(1, vis_pos[..., None].expand(-1, -1, width)).float()
+        new_pos = state.visual.nonzero()[:, 1].view(visual.shape[0], -1)
+        return out.scatter(1, new_pos[..., None].expand(-1, -1, width), merged.to(hidden.dtype))
 
     def _gathered_rope(self, rope: tuple[torch.Tensor, torch.Tensor], state: _Forward,
                        batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,11 @@ from .selection import make_rule
 
 def plan_from_recipe(recipe: Recipe) -> PruningPlan:
     rule = make_rule(recipe.selection.rule, recipe.selection.params)
+    stage = recipe.vision
     return PruningPlan(tuple(recipe.schedule.counts), recipe.schedule.visual_tokens, rule,
-                       recipe.selection.score_layer)
+                       recipe.selection.score_layer,
+                       vision=make_rule(stage.rule, stage.params) if stage is not None else None,
+                       vision_layer=stage.encoder_layer if stage is not None else None)
 
 
 def check_recipe_matches(adapter: ModelAdapter, recipe: Recipe, allow_other_checkpoint: bool = False) -> None:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from .selection import SelectionRule
+
+from .selection import ScoringRule, SelectionRule
 
 
 @dataclass(frozen=True)
@@ -12,22 +13,33 @@ class PruningPlan:
     `counts` apply to images with exactly `visual_tokens` visual tokens; other images (e.g. a
     different resolution) use `fractions` of their own count, rounded and kept non-increasing.
     `score_layer` says whose attention ranks the drop at layer l: "same" (layer l) or
-    "previous" (layer l-1, FastV-style).
+    "previous" (layer l-1, FastV-style). An optional `vision` rule selects `counts[0]` of the
+    patches in the vision tower at the input of encoder layer `vision_layer` (None: the last layer
+    whose output the LLM reads) before any decoder layer runs; `rule` handles later drops.
     """
 
     counts: tuple[int, ...]
     visual_tokens: int
     rule: SelectionRule
     score_layer: str = "same"
+    vision: SelectionRule | None = None
+    vision_layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.score_layer not in ("same", "previous"):
             raise ValueError(f"score_layer must be 'same' or 'previous', not {self.score_layer!r}")
+        if self.rule.stage != "llm":
+            raise ValueError(f"selection rule {self.rule.name!r} runs in the vision tower: give it as the vision stage")
+        if self.vision is not None and self.vision.stage != "vision":
+            raise ValueError(f"selection rule {self.vision.name!r} runs in the LLM, not in the vision tower")
+        if self.score_layer == "previous" and not isinstance(self.rule, ScoringRule):
+            raise ValueError(f"selection rule {self.rule.name!r} does not rank tokens: it needs score_layer 'same'")
         if any(b > a for a, b in zip(self.counts, self.counts[1:])):
             raise ValueError("schedule increases with depth: visual tokens kept must never grow")
         if any(c < 0 or c > self.visual_tokens for c in self.counts):
             raise ValueError(f"schedule counts must lie in [0, {self.visual_tokens}]")
-        if self.score_layer == "previous" and self.counts and self.counts[0] < self.visual_tokens:
+        if (self.score_layer == "previous" and self.vision is None and self.counts
+                and self.counts[0] < self.visual_tokens):
             raise ValueError("score_layer 'previous' cannot drop at layer 0: there is no earlier layer")
 
     @property

@@ -1,9 +1,12 @@
 """Selection rules: which visual tokens survive at a layer, given how many may.
 
-A rule only scores the live visual tokens (higher = keep); the applier takes the top-k. Rules
-read attention through `ScoreContext`, which recomputes just the rows they need from the layer's
-own projections, so the model keeps running SDPA. Rules are registered by name and recorded with
-their parameters in every recipe.
+A rule returns a `Choice`: the live visual tokens that survive and, for merging rules (FiCoCo),
+merge weights that rewrite the survivors' hidden states from the discarded ones; the applier
+executes it. Most rules only score tokens (`ScoringRule`, higher = keep) and the top-k survive.
+Rules read attention through `ScoreContext`, which recomputes just the rows they need from the
+layer's own projections, so the model keeps running SDPA. Rules are registered by name (LLM-side
+here and in dart.py / ficoco.py, vision-side in vision.py) and recorded with their parameters in
+every recipe.
 """
 from __future__ import annotations
 
@@ -48,11 +51,18 @@ class ScoreContext:
             self._qk = self.adapter.query_key(self.layer, self.hidden, self.cos, self.sin)
         return self._qk
 
-    def attention(self, rows: torch.Tensor) -> torch.Tensor:
-        """Softmax attention (B, H, R, Lc) of query rows `rows` (B, R), causal and padding masked."""
+    def _row_logits(self, rows: torch.Tensor) -> torch.Tensor:
         q, k = self.query_key()
         q_rows = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
-        logits = (q_rows.float() @ k.float().transpose(-1, -2)) * self.layer.self_attn.scaling
+        return (q_rows.float() @ k.float().transpose(-1, -2)) * self.layer.self_attn.scaling
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """Head-mean pre-softmax logits (B, R, Lc) of query rows `rows` (B, R), before any mask."""
+        return self._row_logits(rows).mean(dim=1)
+
+    def attention(self, rows: torch.Tensor) -> torch.Tensor:
+        """Softmax attention (B, H, R, Lc) of query rows `rows` (B, R), causal and padding masked."""
+        logits = self._row_logits(rows)
         row_cols = self.cols.gather(1, rows)
         allowed = self.key_ok[:, None, :] & (self.cols[:, None, :] <= row_cols[:, :, None])
         logits = logits.masked_fill(~allowed[:, None], float("-inf"))
@@ -74,24 +84,54 @@ class ScoreContext:
         return order, valid
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What survives a pruning step, per row: `keep` (B, k) ascending indices among the live visual
+    tokens; `merge` (B, k, n_vis) or None: survivor j's new state is sum_i merge[j, i] * state_i."""
+
+    keep: torch.Tensor
+    merge: torch.Tensor | None = None
+
+    @classmethod
+    def top(cls, scores: torch.Tensor, k: int) -> "Choice":
+        """The k highest scores of every row, in their original order."""
+        return cls(scores.topk(k, dim=1).indices.sort(dim=1).values)
+
+
 class SelectionRule(ABC):
-    """Scores live visual tokens; registered by `name`, parameters recorded in the recipe."""
+    """Picks the surviving visual tokens; registered by `name`, parameters recorded in the recipe.
+
+    `stage` says where it runs: "llm" (a decoder layer's input, `ScoreContext`) or "vision"
+    (inside the vision tower before the projector, `vision.VisionContext`).
+    """
 
     name: ClassVar[str]
+    stage: ClassVar[str] = "llm"
 
     def params(self) -> dict[str, Any]:
         return {}
 
     @abstractmethod
+    def select(self, ctx: Any, k: int) -> Choice:
+        """Keep `k` of the live visual tokens of every row (k < live)."""
+
+
+class ScoringRule(SelectionRule):
+    """A rule that ranks tokens (higher = keep); only such rules can score at the previous layer."""
+
+    @abstractmethod
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         """(B, n_vis) scores of the live visual tokens, in sequence order; higher means keep."""
+
+    def select(self, ctx: ScoreContext, k: int) -> Choice:
+        return Choice.top(self.score(ctx), k)
 
 
 def _reduce_heads(probs: torch.Tensor, how: str) -> torch.Tensor:
     return probs.amax(dim=1) if how == "max" else probs.mean(dim=1)
 
 
-class AttentionRule(SelectionRule):
+class AttentionRule(ScoringRule):
     """FastV-style: head-mean attention that the last prompt token (or all post-image text) pays."""
 
     name = "attention"
@@ -117,7 +157,7 @@ class AttentionRule(SelectionRule):
         return probs.gather(1, vis)
 
 
-class FitPruneRule(SelectionRule):
+class FitPruneRule(ScoringRule):
     """FitPrune's inference score: text->visual mass times visual->visual mass (head-max maps)."""
 
     name = "fitprune"
@@ -145,7 +185,7 @@ class FitPruneRule(SelectionRule):
         return cross * selfv
 
 
-class RandomRule(SelectionRule):
+class RandomRule(ScoringRule):
     """Uniform draws, seeded per (seed, sample, layer): the baseline every rule must beat."""
 
     name = "random"
@@ -165,7 +205,17 @@ class RandomRule(SelectionRule):
         return torch.stack(rows).to(ctx.hidden.device)
 
 
-RULES: dict[str, type[SelectionRule]] = {r.name: r for r in (AttentionRule, FitPruneRule, RandomRule)}
+RULES: dict[str, type[SelectionRule]] = {}
+
+
+def register(rule: type[SelectionRule]) -> type[SelectionRule]:
+    """Class decorator: make a rule available by its name to recipes and the command line."""
+    RULES[rule.name] = rule
+    return rule
+
+
+for _rule in (AttentionRule, FitPruneRule, RandomRule):
+    register(_rule)
 
 
 def make_rule(name: str, params: dict[str, Any] | None = None) -> SelectionRule:
@@ -176,3 +226,13 @@ def make_rule(name: str, params: dict[str, Any] | None = None) -> SelectionRule:
         return RULES[name](**(params or {}))
     except TypeError as exc:
         raise ValueError(f"selection rule {name!r}: bad parameters {params!r} ({exc})") from None
+
+
+def check_fraction(rule: str, name: str, value: float) -> float:
+    """A parameter that must lie in [0, 1], as a float; one-line error otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{rule} rule: {name} must be a number in [0, 1], not {value!r}")
+    return float(value)
+
+
+from . import dart, ficoco, vision  # noqa: E402,F401  (their rules register themselves)

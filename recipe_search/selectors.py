@@ -1,0 +1,42 @@
+"""`--selector`: put any registered selection rule into a searched recipe, in the LLM or before it.
+
+A method searches a schedule with its own rule; the selector then decides which tokens survive.
+An LLM-side selector replaces the recipe's `selection` (rules that do not rank tokens score at the
+same layer). A vision-side selector becomes the pre-LLM stage: it keeps `counts[0]` patches in the
+vision tower, later drops stay with the method's rule. When the schedule keeps every token at
+layer 0 (FastV, G-Search, P-Sigmoid start later), its first cut moves before the LLM: the layers
+before it get the first reduced count too, which only lowers the cost, so the budget still holds
+(the recipe records `pre_llm_cut_from_layer`). Either way the recipe records the rule the
+schedule was searched with.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from .flops import CostModel, VisionCost
+from .models import ModelAdapter
+from .recipe.build import with_vision_costs
+from .recipe.schema import Recipe, Schedule, Selection, VisionSelection
+from .runtime.selection import ScoringRule, make_rule
+from .runtime.vision import resolve_encoder_layer
+
+
+def apply_selector(recipe: Recipe, adapter: ModelAdapter, costs: CostModel, name: str,
+                   params: dict[str, Any] | None = None, encoder_layer: int | None = None) -> Recipe:
+    """`recipe` with selection rule `name` (one-line ValueError for unknown rules or bad parameters)."""
+    rule = make_rule(name, params)
+    method = replace(recipe.method, result={**recipe.method.result, "searched_with_rule": recipe.selection.rule})
+    if rule.stage == "llm":
+        score_layer = recipe.selection.score_layer if isinstance(rule, ScoringRule) else "same"
+        return replace(recipe, selection=Selection(rule.name, rule.params(), score_layer), method=method)
+    layout = adapter.vision_layout()
+    layer = resolve_encoder_layer(layout, encoder_layer)
+    n, counts = recipe.schedule.visual_tokens, list(recipe.schedule.counts)
+    first = next((i for i, c in enumerate(counts) if c < n), None)
+    if first is not None and first > 0:
+        counts = [min(c, counts[first]) for c in counts]
+        method = replace(method, result={**method.result, "pre_llm_cut_from_layer": first})
+    return replace(recipe, vision=VisionSelection(rule.name, rule.params(), layer), method=method,
+                   schedule=Schedule(n, counts, [c / n for c in counts]),
+                   budget=with_vision_costs(recipe.budget, counts, costs, VisionCost(layout, layer)))
