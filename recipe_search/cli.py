@@ -196,7 +196,7 @@ class _Session:
         print(f"  achieved: full-sequence FLOPs {b.achieved['full']:.1%}, visual-only FLOPs {b.achieved['visual']:.1%}, "
               f"mean visual tokens {b.achieved['mean_visual_tokens']:.1f}"
               + (f" (asked: {b.value:g} {b.kind}, {b.formula})" if b.kind != "none" else ""))
-        print(f"  visual tokens kept entering each layer: "
+        print("  visual tokens kept entering each layer: "
               + " ".join(f"{i}:{c}" for i, c in enumerate(recipe.schedule.counts)))
         found = ", ".join(f"{k} {v:.4g}" for k, v in recipe.method.result.items() if isinstance(v, (int, float)))
         start = recipe.method.params.get("start_layer", recipe.method.params.get("drop_layer"))

@@ -40,16 +40,22 @@ def tiny_llava(attn: str = "sdpa", seed: int = 0, layers: int = 6, tower: str = 
     return model
 
 
-def llava_inputs(batch_prompts: list[list[int]], seed: int = 0, n_image: int = 64) -> dict[str, torch.Tensor]:
-    """Left-padded inputs: each prompt is [bos, *prefix, <image> x n, *suffix] given as text ids."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = [[1, 7, 8] + [IMAGE_TOKEN] * n_image + p for p in batch_prompts]
+def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask with every row padded on the left (pad id 0) to the longest."""
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def llava_inputs(batch_prompts: list[list[int]], seed: int = 0, n_image: int = 64) -> dict[str, torch.Tensor]:
+    """Left-padded inputs: each prompt is [bos, *prefix, <image> x n, *suffix] given as text ids."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [[1, 7, 8] + [IMAGE_TOKEN] * n_image + p for p in batch_prompts]
+    ids, mask = _left_pad(rows)
     pixels = torch.randn(len(rows), 3, 32, 32, generator=gen)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
@@ -75,12 +81,7 @@ def qwen_inputs(batch_prompts: list[list[int]], grid: int = 8, seed: int = 0) ->
     gen = torch.Generator().manual_seed(seed)
     n_image = (grid // 2) ** 2
     rows = [[1, 9] + [IMAGE_TOKEN] * n_image + [10] + p for p in batch_prompts]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+    ids, mask = _left_pad(rows)
     patches = torch.randn(len(rows) * grid * grid, 3 * 2 * 4 * 4, generator=gen)
     thw = torch.tensor([[1, grid, grid]] * len(rows))
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": patches, "image_grid_thw": thw,

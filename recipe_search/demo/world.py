@@ -147,6 +147,13 @@ def sample_scene(split: str, rng: np.random.Generator, n_objects: tuple[int, int
             return scene
 
 
+def _pick_unique(objs: tuple[SceneObject, ...], attr: str, rng: np.random.Generator) -> SceneObject | None:
+    """A random object whose `attr` (shape or colour) no other object shares, so a question can name it."""
+    values = [getattr(o, attr) for o in objs]
+    unique = [o for o, v in zip(objs, values) if values.count(v) == 1]
+    return unique[int(rng.integers(len(unique)))] if unique else None
+
+
 def ask(scene: Scene, qtype: str, rng: np.random.Generator, u: float) -> tuple[str, str] | None:
     """A (question, answer) of type `qtype` about `scene`, or None if the scene has none.
 
@@ -160,12 +167,8 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, u: float) -> tuple[s
     """
     objs = scene.objects
     if qtype == "colour":
-        shape_counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
-        unique = [o for o in objs if shape_counts[o.shape] == 1]
-        if not unique:
-            return None
-        o = unique[int(rng.integers(len(unique)))]
-        return f"what colour is the {o.shape} ?", o.colour
+        o = _pick_unique(objs, "shape", rng)
+        return None if o is None else (f"what colour is the {o.shape} ?", o.colour)
     if qtype == "count":
         target = int(u * len(COUNT_WORDS))
         matching = [c for c in COLOURS if sum(o.colour == c for o in objs) == target]
@@ -180,12 +183,8 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, u: float) -> tuple[s
             return None
         return f"is there a {pool[int(rng.integers(len(pool)))]} ?", "yes" if u < 0.5 else "no"
     if qtype == "shape":
-        colour_counts = {c: sum(o.colour == c for o in objs) for c in COLOURS}
-        unique = [o for o in objs if colour_counts[o.colour] == 1]
-        if not unique:
-            return None
-        o = unique[int(rng.integers(len(unique)))]
-        return f"which shape is {o.colour} ?", o.shape
+        o = _pick_unique(objs, "colour", rng)
+        return None if o is None else (f"which shape is {o.colour} ?", o.shape)
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 

@@ -168,11 +168,15 @@ class ModelAdapter(ABC):
         return self.model.get_output_embeddings()(self.decoder().norm(hidden))
 
     # -- inputs --------------------------------------------------------------------------------
-    @abstractmethod
     def build_inputs(
         self, processor: Any, images: Sequence[Image.Image], prompts: Sequence[str]
     ) -> dict[str, torch.Tensor]:
-        """Tokenised, left-padded model inputs for one user turn per (image, prompt) pair."""
+        """Tokenised, left-padded model inputs for one user turn per (image, prompt) pair, through
+        the processor's own chat template (families whose processor differs override this)."""
+        processor.tokenizer.padding_side = "left"
+        texts = [chat_prompt(processor, p) for p in prompts]
+        batch = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+        return dict(batch)
 
     def decode_position_ids(self, text_positions: torch.Tensor) -> torch.Tensor:
         """Family-format position ids for continuation tokens given their 1-D text positions (B, q)."""

@@ -1,13 +1,11 @@
 """LLaVA (llava-hf checkpoints and the embedded demo): CLIP-style tower, projector, Llama decoder."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
-import torch
-from PIL import Image
 from torch import nn
 
-from .base import ModelAdapter, VisionLayout, chat_prompt
+from .base import ModelAdapter, VisionLayout
 
 
 class LlavaAdapter(ModelAdapter):
@@ -46,10 +44,3 @@ class LlavaAdapter(ModelAdapter):
                             has_cls=has_cls, patches=(int(vc.image_size) // int(vc.patch_size)) ** 2,
                             projector_macs_per_token=macs)
 
-    def build_inputs(
-        self, processor: Any, images: Sequence[Image.Image], prompts: Sequence[str]
-    ) -> dict[str, torch.Tensor]:
-        processor.tokenizer.padding_side = "left"
-        texts = [chat_prompt(processor, p) for p in prompts]
-        batch = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
-        return dict(batch)

@@ -1,12 +1,10 @@
 """Qwen2-VL: ViT with 2x2 patch merger, Qwen2 decoder with multimodal (3-D) RoPE."""
 from __future__ import annotations
 
-from typing import Any, Sequence
 
 import torch
-from PIL import Image
 
-from .base import ModelAdapter, chat_prompt
+from .base import ModelAdapter
 
 
 class Qwen2VLAdapter(ModelAdapter):
@@ -16,13 +14,6 @@ class Qwen2VLAdapter(ModelAdapter):
     def visual_tokens_per_image(self) -> None:
         return None  # dynamic resolution: the count follows each image's grid
 
-    def build_inputs(
-        self, processor: Any, images: Sequence[Image.Image], prompts: Sequence[str]
-    ) -> dict[str, torch.Tensor]:
-        processor.tokenizer.padding_side = "left"
-        texts = [chat_prompt(processor, p) for p in prompts]
-        batch = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
-        return dict(batch)
 
     def decode_position_ids(self, text_positions: torch.Tensor) -> torch.Tensor:
         """(4, B, q): the text row plus three M-RoPE rows shifted by the model's stored rope deltas."""
