@@ -33,3 +33,16 @@ def assert_padded_batch_equals_rows_alone(model, plan: PruningPlan) -> None:
             alone = llava_inputs([p], seed=2)
             alone["pixel_values"] = batch["pixel_values"][i : i + 1]
             assert (model(**alone).logits[:, -1] - together[i]).abs().max().item() <= 1e-5
+
+
+def assert_manual_continuation_matches_generate(model, inputs: dict, plan: PruningPlan) -> None:
+    """A hand-rolled decode step (no position ids given) must not inherit layer 0's pruned cache length."""
+    prompt = inputs["input_ids"].shape[1]
+    with PruningHandle(model, plan):
+        gen = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        first = model(**inputs)
+        token = first.logits[:, -1].argmax(-1, keepdim=True)
+        second = model(input_ids=token, past_key_values=first.past_key_values)
+        assert torch.equal(token[:, 0], gen.sequences[:, prompt])
+        assert (second.logits[:, -1] - gen.logits[1]).abs().max().item() <= 1e-5

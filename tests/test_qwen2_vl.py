@@ -4,6 +4,7 @@ import torch
 
 from recipe_search.models import UnsupportedModelError, get_adapter
 from recipe_search.runtime import PruningHandle, PruningPlan, make_rule
+from checks import assert_manual_continuation_matches_generate
 from tiny_models import qwen_inputs, tiny_qwen2_vl
 
 
@@ -66,12 +67,5 @@ def test_unsupported_architecture_is_named():
 
 
 def test_manual_continuation_uses_rope_deltas(qwen):
-    inputs = qwen_inputs([[11, 12, 13]])
-    with PruningHandle(qwen, PruningPlan((8, 8, 4, 4), 16, make_rule("attention"))):
-        gen = qwen.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
-                           output_logits=True, return_dict_in_generate=True)
-        first = qwen(**inputs)
-        token = first.logits[:, -1].argmax(-1, keepdim=True)
-        second = qwen(input_ids=token, past_key_values=first.past_key_values)
-        assert torch.equal(token[:, 0], gen.sequences[:, -2])
-        assert (second.logits[:, -1] - gen.logits[1]).abs().max().item() <= 1e-5
+    plan = PruningPlan((8, 8, 4, 4), 16, make_rule("attention"))
+    assert_manual_continuation_matches_generate(qwen, qwen_inputs([[11, 12, 13]]), plan)

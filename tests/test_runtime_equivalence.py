@@ -3,7 +3,11 @@ import pytest
 import torch
 
 from recipe_search.runtime import PruningError, PruningHandle, PruningPlan, make_rule
-from checks import assert_cached_decode_equals_reforward, assert_padded_batch_equals_rows_alone
+from checks import (
+    assert_cached_decode_equals_reforward,
+    assert_manual_continuation_matches_generate,
+    assert_padded_batch_equals_rows_alone,
+)
 from tiny_models import llava_inputs, tiny_llava
 
 PLANS = {
@@ -54,16 +58,7 @@ def test_padded_batch_equals_rows_alone(model, plan_name):
 
 
 def test_manual_cached_continuation_matches_generate(llava_sdpa):
-    """A hand-rolled decode loop (no position ids given) must not inherit layer 0's pruned length."""
-    inputs = llava_inputs([[11, 12, 13]])
-    with PruningHandle(llava_sdpa, _plan("attention-text-layer0")):
-        gen = llava_sdpa.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                           output_logits=True, return_dict_in_generate=True)
-        first = llava_sdpa(**inputs)
-        token = first.logits[:, -1].argmax(-1, keepdim=True)
-        second = llava_sdpa(input_ids=token, past_key_values=first.past_key_values)
-        assert torch.equal(token[:, 0], gen.sequences[:, -2])
-        assert (second.logits[:, -1] - gen.logits[1]).abs().max().item() <= 1e-5
+    assert_manual_continuation_matches_generate(llava_sdpa, llava_inputs([[11, 12, 13]]), _plan("attention-text-layer0"))
 
 
 def test_sampling_and_beam_search_run(llava_sdpa):
