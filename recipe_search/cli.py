@@ -283,10 +283,11 @@ def _run_search(argv: Sequence[str]) -> int:
         seed_recipe = load_recipe(args.seed_recipe)
         start = DEFAULT_START_LAYER["psigmoid"] if args.start_layer is None else args.start_layer
         warm_start = fit_to_curve(seed_recipe.schedule.counts, seed_recipe.schedule.visual_tokens, start)
-    session = _Session.open(args, fallback_data=args.calib)
-    loaded = session.loaded
+    # data first: a bad --calib fails in a second, before the model is loaded and evaluated
     calib = load_samples(args.calib, args.num_samples, split="calib")
     search_set = load_samples(args.search_set, args.num_samples, split="calib") if args.search_set else None
+    session = _Session.open(args, fallback_data=args.calib)
+    loaded = session.loaded
     with _TrialBar(args) as bar:
         options = SearchOptions(
             start_layer=args.start_layer, metric=args.metric, tolerance=args.tolerance, optimizer=args.optimizer,
