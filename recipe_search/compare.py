@@ -173,9 +173,9 @@ def run_compare(argv: Sequence[str]) -> int:
     from .calibration import load_samples
     from .pipeline import SearchOptions, search_recipes
 
+    calib = load_samples(args.calib, args.num_samples, split="calib")  # before the model: bad data fails at once
     session = _Session.open(args, fallback_data=args.calib)
     loaded = session.loaded
-    calib = load_samples(args.calib, args.num_samples, split="calib")
     outcome = search_recipes(loaded, calib, budgets, method=args.method,
                              options=SearchOptions(start_layer=args.start_layer),
                              cache_dir=Path(args.cache_dir) if args.cache_dir else None,
