@@ -10,7 +10,7 @@ projector + Llama decoder on multi-turn QA sequences (8 turns per image), with
   *blank* visual tokens are dropped from the sequence (survivors keep their original
   position_ids) until the drop is annealed away at 50% of the steps,
 - layer-0 query/key maps warm-started as generic content-similarity heads (see similarity_init),
-- more count turns than other types in the training mixture.
+- more count and shape turns than colour and exist turns in the training mixture (1:3:1:2).
 The best full-sequence step on the calib split is kept. See docs/demo-model.md.
 
 Reproducible: fixed seed and a pinned thread count give bit-identical weights.
@@ -80,10 +80,11 @@ def turn_ids(vocab: Vocab, question: str, answer: str, first: bool) -> tuple[lis
 
 def make_batch(vocab: Vocab, split: str, seed: int, start: int, size: int, turns: int,
                n_objects: tuple[int, int] = (world.MIN_OBJECTS, world.MAX_OBJECTS),
-               type_weights: np.ndarray | None = None) -> Batch:
+               type_weights: np.ndarray | None = None,
+               pool: tuple[str, ...] = world.QUESTION_TYPES) -> Batch:
     """Images start..start+size-1 of the split's stream, each with `turns` questions.
 
-    Question types go round-robin, or are drawn with `type_weights` (training spends more turns
+    Question types (from `pool`) go round-robin, or are drawn with `type_weights` (training spends more turns
     on the types that are learned last).
     """
     images, shapes, colours, sides, texts, apos, answers, qtypes = [], [], [], [], [], [], [], []
@@ -95,9 +96,9 @@ def make_batch(vocab: Vocab, split: str, seed: int, start: int, size: int, turns
         attempt = 0
         while len(ans) < turns and attempt < 8 * turns:
             if type_weights is None:
-                qtype = world.QUESTION_TYPES[(i + attempt) % len(world.QUESTION_TYPES)]
+                qtype = pool[(i + attempt) % len(pool)]
             else:
-                qtype = world.QUESTION_TYPES[int(rng.choice(len(world.QUESTION_TYPES), p=type_weights))]
+                qtype = pool[int(rng.choice(len(pool), p=type_weights))]
             attempt += 1
             qa = world.ask(scene, qtype, rng, float(rng.random()))
             if qa is None:
@@ -251,12 +252,12 @@ class Stage2:
 
 def evaluate(stage: Stage2, batches: list[Batch]) -> tuple[float, dict[str, float]]:
     """Accuracy of the argmax answer on single-turn prompts in the product's layout."""
-    hits: dict[str, list[bool]] = {q: [] for q in world.QUESTION_TYPES}
+    hits: dict[str, list[bool]] = {}
     with torch.no_grad():
         for b in batches:
             logits, _, answers, qtypes = stage.forward(b, vision_features(stage.model, b.pixels), 1.0, None)
             for q, ok in zip(qtypes, (logits.argmax(-1) == answers).tolist()):
-                hits[q].append(ok)
+                hits.setdefault(q, []).append(ok)
     per = {q: sum(v) / max(len(v), 1) for q, v in hits.items()}
     return sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values()), per
 
@@ -301,7 +302,8 @@ def train_decoder(model, vocab: Vocab, args, log) -> None:
             return args.lr * step / warm
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm))))
 
-    calib = [make_batch(vocab, "calib", args.seed, k * 50, 50, 1) for k in range(args.calib_questions // 50)]
+    calib = [make_batch(vocab, "calib", args.seed, k * 50, 50, 1, pool=args.types)
+             for k in range(args.calib_questions // 50)]
     gen = torch.Generator().manual_seed(args.seed)
     type_weights = np.array(args.type_weights, dtype=np.float64) / sum(args.type_weights)
     best, best_state, t0 = -1.0, None, time.time()
@@ -311,7 +313,7 @@ def train_decoder(model, vocab: Vocab, args, log) -> None:
         hi = min(world.MAX_OBJECTS, 1 + round((world.MAX_OBJECTS - 1) * progress / args.objects_until))
         n_objects = (max(1, min(world.MIN_OBJECTS, hi - 3)), hi)
         b = make_batch(vocab, "train", args.seed, start + (step - 1) * args.batch, args.batch, args.turns,
-                       n_objects, type_weights)
+                       n_objects, type_weights, args.types)
         with torch.no_grad():
             feats = vision_features(model, b.pixels)
         keep = min(1.0, args.keep_start + (1 - args.keep_start) * progress / args.keep_until)
@@ -365,7 +367,7 @@ def main() -> None:
     ap.add_argument("--vision-steps", type=int, default=300)
     ap.add_argument("--vision-batch", type=int, default=32)
     ap.add_argument("--vision-lr", type=float, default=3e-3)
-    ap.add_argument("--steps", type=int, default=1300, help="stage-2 steps")
+    ap.add_argument("--steps", type=int, default=1500, help="stage-2 steps")
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--turns", type=int, default=8, help="QA turns per image in a training sequence")
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -378,11 +380,16 @@ def main() -> None:
     ap.add_argument("--similarity-layers", type=int, default=1,
                     help="decoder layers whose query/key maps start as content-similarity heads (0: none)")
     ap.add_argument("--similarity-scale", type=float, default=2.0)
-    ap.add_argument("--type-weights", type=float, nargs=len(world.QUESTION_TYPES), default=[1.0, 3.0, 1.0, 1.0],
-                    help=f"training mixture of question types {world.QUESTION_TYPES}")
+    ap.add_argument("--types", nargs="+", choices=world.QUESTION_TYPES, default=list(world.QUESTION_TYPES),
+                    help="question types trained and evaluated on the calib split")
+    ap.add_argument("--type-weights", type=float, nargs="+", default=[1.0, 3.0, 1.0, 2.0],
+                    help="training mixture of --types, one weight per type")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--calib-questions", type=int, default=400)
     args = ap.parse_args()
+    args.types = tuple(args.types)
+    if len(args.type_weights) != len(args.types):
+        ap.error(f"--type-weights needs one weight per type of {args.types}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

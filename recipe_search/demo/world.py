@@ -171,11 +171,11 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, u: float) -> tuple[s
         return None if o is None else (f"what colour is the {o.shape} ?", o.colour)
     if qtype == "count":
         target = int(u * len(COUNT_WORDS))
-        matching = [c for c in COLOURS if sum(o.colour == c for o in objs) == target]
+        matching = [s for s in SHAPES if sum(o.shape == s for o in objs) == target]
         if not matching:
             return None
-        colour = matching[int(rng.integers(len(matching)))]
-        return f"how many shapes are {colour} ?", COUNT_WORDS[target]
+        shape = matching[int(rng.integers(len(matching)))]
+        return f"how many shapes are a {shape} ?", COUNT_WORDS[target]
     if qtype == "exist":
         present = sorted({o.shape for o in objs}, key=SHAPES.index)
         pool = present if u < 0.5 else [s for s in SHAPES if s not in present]
