@@ -9,7 +9,7 @@ import torch
 from recipe_search import apply_recipe, load_recipe
 from recipe_search.calibration import demo_samples
 from recipe_search.cli import main
-from recipe_search.demo import demo_checkpoint
+from recipe_search.demo import demo_checkpoint, world
 from recipe_search.models.loading import load_model
 from recipe_search.runtime.apply import check_recipe_matches
 
@@ -63,3 +63,24 @@ def test_default_command_runs_end_to_end(tmp_path, capsys):
     assert recipe.budget.achieved["full"] <= 0.5 and recipe.model.name_or_path == "demo"
     out = capsys.readouterr().out
     assert "held-out accuracy (demo:eval, 40 q)" in out and "prefill wall-clock" in out
+
+
+@pytest.mark.parametrize("qtype", world.QUESTION_TYPES)
+def test_demo_answers_follow_from_the_scene_and_are_balanced(qtype):
+    answers = []
+    for i in range(120):
+        scene, question, answer = world.sample_item("eval", 0, i, qtype)
+        key = question.split()[-2]  # every template names its key word right before "?"
+        by_shape = [o for o in scene.objects if o.shape == key]
+        by_colour = [o for o in scene.objects if o.colour == key]
+        expected = {
+            "colour": by_shape[0].colour if len(by_shape) == 1 else None,
+            "count": world.COUNT_WORDS[len(by_shape)] if len(by_shape) < len(world.COUNT_WORDS) else None,
+            "exist": "yes" if by_shape else "no",
+            "shape": by_colour[0].shape if len(by_colour) == 1 else None,
+        }[qtype]
+        assert answer == expected, (question, answer, scene)
+        answers.append(answer)
+    classes = set(answers)
+    assert len(classes) >= {"colour": 5, "count": 4, "exist": 2, "shape": 4}[qtype]
+    assert max(answers.count(c) for c in classes) <= 0.6 * len(answers)  # no class dominates

@@ -159,7 +159,8 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, u: float) -> tuple[s
 
     Every template names its one key word (a shape or a colour) right before "?",
     i.e. at a fixed distance from the answer position; this keeps the question-to-image binding
-    learnable from scratch on a CPU budget. Objects referred to by shape are unique in the scene.
+    learnable from scratch on a CPU budget. The object a colour or shape question refers to is
+    unique in the scene; a count names a shape and needs every object of that shape.
 
     `u` in [0, 1) picks the answer class (count 0-3, yes/no) and is kept by callers
     across scene resamples, so answers stay balanced and the question alone gives only chance;
