@@ -1,10 +1,17 @@
 """Runtime properties every plan must have, shared by the per-rule test files."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from recipe_search.runtime import PruningHandle, PruningPlan
 from tiny_models import llava_inputs
+
+
+def cache_arg(model, cache) -> dict:
+    """`{name: cache}` under the name this transformers' forward() takes (`cache` from 5.24 on)."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
 def assert_cached_decode_equals_reforward(model, plan: PruningPlan, steps: int = 5) -> None:
@@ -43,6 +50,6 @@ def assert_manual_continuation_matches_generate(model, inputs: dict, plan: Pruni
                              output_logits=True, return_dict_in_generate=True)
         first = model(**inputs)
         token = first.logits[:, -1].argmax(-1, keepdim=True)
-        second = model(input_ids=token, past_key_values=first.past_key_values)
+        second = model(input_ids=token, **cache_arg(model, first.past_key_values))
         assert torch.equal(token[:, 0], gen.sequences[:, prompt])
         assert (second.logits[:, -1] - gen.logits[1]).abs().max().item() <= 1e-5

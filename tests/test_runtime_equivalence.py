@@ -7,6 +7,7 @@ from checks import (
     assert_cached_decode_equals_reforward,
     assert_manual_continuation_matches_generate,
     assert_padded_batch_equals_rows_alone,
+    cache_arg,
 )
 from tiny_models import llava_inputs, tiny_llava
 
@@ -84,7 +85,7 @@ def test_foreign_cache_is_refused(llava_sdpa):
     with PruningHandle(llava_sdpa, _plan("fitprune-same")):
         llava_sdpa(**inputs)
         with pytest.raises(PruningError, match="not filled by the current pruned prefill"):
-            llava_sdpa(input_ids=torch.tensor([[12]]), past_key_values=unpruned.past_key_values)
+            llava_sdpa(input_ids=torch.tensor([[12]]), **cache_arg(llava_sdpa, unpruned.past_key_values))
 
 
 def test_plan_and_model_mismatch_errors(llava_sdpa):

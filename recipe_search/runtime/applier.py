@@ -12,6 +12,7 @@ numbers of keys. `remove()` detaches every hook and leaves the model exactly as 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +94,10 @@ class PruningHandle:
         self.last_counts: list[int] = []
         self._state: _Forward | None = None
         self._vision: VisionStage | None = None
+        # transformers 5.24 renamed the KV-cache argument of forward() from `past_key_values` to
+        # `cache` (the old name still works, with a warning): read either, pass the model's own.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._hooks = [model.register_forward_pre_hook(self._top_hook, with_kwargs=True)]
         for idx, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
@@ -122,7 +127,7 @@ class PruningHandle:
     # -- top-level hook --------------------------------------------------------------------------
     def _top_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         has_image = input_ids is not None and bool((input_ids == self.adapter.image_token_id).any())
         if self._vision is not None and kwargs.get("pixel_values") is not None:
@@ -148,10 +153,12 @@ class PruningHandle:
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.adapter.text_config, "use_cache", True)
-        if use_cache and kwargs.get("past_key_values") is None:
-            kwargs = {**kwargs, "past_key_values": DynamicCache(config=self.adapter.text_config)}
-        if kwargs.get("past_key_values") is not None:
-            state.cache = weakref.ref(kwargs["past_key_values"])
+        cache = _cache_of(kwargs)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.adapter.text_config)
+            kwargs = {**kwargs, self._cache_arg: cache}
+        if cache is not None:
+            state.cache = weakref.ref(cache)
         return kwargs
 
     def begin_prefill(self, input_ids: torch.Tensor, attn2d: torch.Tensor | None) -> _Forward:
@@ -373,3 +380,9 @@ class PruningHandle:
         new = torch.arange(state.prefill_len, state.total_len, device=kept.device).expand(batch, -1)
         q_cols = new[:, -q:]
         return args, {**kwargs, "attention_mask": self._mask(like, state, q_cols, torch.cat([kept, new], dim=1))}
+
+
+def _cache_of(kwargs: dict) -> Any:
+    """The KV cache a forward() call was given, under its transformers >= 5.24 or older name."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")

@@ -81,7 +81,7 @@ class ScheduleScorer:
             logits = lm.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
         finally:
             hook.remove()
-        layer_kwargs = {**captured["kwargs"], "past_key_values": None, "use_cache": False}
+        layer_kwargs = captured["kwargs"]  # the reference forward ran with use_cache=False: no cache
         return _Batch(inputs["input_ids"], inputs.get("attention_mask"), captured["hidden"], layer_kwargs,
                       torch.log_softmax(logits.float(), -1), [s.answer for s in chunk])
 
