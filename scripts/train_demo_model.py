@@ -84,8 +84,8 @@ def make_batch(vocab: Vocab, split: str, seed: int, start: int, size: int, turns
                pool: tuple[str, ...] = world.QUESTION_TYPES) -> Batch:
     """Images start..start+size-1 of the split's stream, each with `turns` questions.
 
-    Question types (from `pool`) go round-robin, or are drawn with `type_weights` (training spends more turns
-    on the types that are learned last).
+    Question types from `pool` go round-robin, or are drawn with `type_weights` (training spends
+    more turns on the types that are learned last).
     """
     images, shapes, colours, sides, texts, apos, answers, qtypes = [], [], [], [], [], [], [], []
     side_row = [0 if c < world.GRID // 2 else 1 for c in range(world.GRID)] * world.GRID

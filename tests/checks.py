@@ -1,17 +1,16 @@
 """Runtime properties every plan must have, shared by the per-rule test files."""
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from recipe_search.runtime import PruningHandle, PruningPlan
+from recipe_search.runtime.applier import cache_argument
 from tiny_models import llava_inputs
 
 
 def cache_arg(model, cache) -> dict:
     """`{name: cache}` under the name this transformers' forward() takes (`cache` from 5.24 on)."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return {cache_argument(model): cache}
 
 
 def assert_cached_decode_equals_reforward(model, plan: PruningPlan, steps: int = 5) -> None:

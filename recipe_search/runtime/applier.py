@@ -94,10 +94,7 @@ class PruningHandle:
         self.last_counts: list[int] = []
         self._state: _Forward | None = None
         self._vision: VisionStage | None = None
-        # transformers 5.24 renamed the KV-cache argument of forward() from `past_key_values` to
-        # `cache` (the old name still works, with a warning): read either, pass the model's own.
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_argument(model)
         self._hooks = [model.register_forward_pre_hook(self._top_hook, with_kwargs=True)]
         for idx, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
@@ -380,6 +377,15 @@ class PruningHandle:
         new = torch.arange(state.prefill_len, state.total_len, device=kept.device).expand(batch, -1)
         q_cols = new[:, -q:]
         return args, {**kwargs, "attention_mask": self._mask(like, state, q_cols, torch.cat([kept, new], dim=1))}
+
+
+def cache_argument(model: nn.Module) -> str:
+    """Name of the KV-cache argument of `model.forward()`.
+
+    transformers 5.24 renamed it from `past_key_values` to `cache` (the old name still works there,
+    with a warning); the runtime reads either and passes the model's own.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _cache_of(kwargs: dict) -> Any:
