@@ -140,14 +140,12 @@ def _psigmoid_start(scorer: ScheduleScorer, budget: Budget, costs: CostModel, as
     if asked is not None:
         psigmoid.check_feasible(scorer.visual_tokens, layers, asked, budget, costs)
         return asked
-    for start in (DEFAULT_START_LAYER["psigmoid"], 1):
-        try:
-            psigmoid.check_feasible(scorer.visual_tokens, layers, start, budget, costs)
-            return start
-        except InfeasibleBudgetError:
-            continue
-    psigmoid.check_feasible(scorer.visual_tokens, layers, 1, budget, costs)  # raises, naming the budget
-    return 1
+    try:
+        psigmoid.check_feasible(scorer.visual_tokens, layers, DEFAULT_START_LAYER["psigmoid"], budget, costs)
+        return DEFAULT_START_LAYER["psigmoid"]
+    except InfeasibleBudgetError:
+        psigmoid.check_feasible(scorer.visual_tokens, layers, 1, budget, costs)  # raises, naming the budget
+        return 1
 
 
 def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budget | None], *,

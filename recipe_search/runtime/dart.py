@@ -3,9 +3,9 @@
 Pivots: the `image_pivots` visual tokens and `text_pivots` prompt text tokens with the largest
 key norm. Deviations: the keys are the layer's own (the reference reads layer K-1's cache), so the
 rule needs nothing from an earlier layer; and the norm is L2, not L1, because RoPE rotations keep
-the L2 norm, so a row's pivots do not move with its left padding (absolute positions). The pivots take turns, each adding its share of the
-remaining budget: the live visual tokens least cosine-similar to it (hidden states at the layer's
-input), i.e. the least duplicated ones. Kept: image pivots plus the picks. Text pivots come from
+the L2 norm, so a row's pivots do not move with its left padding (absolute positions). The pivots
+take turns, each adding its share of the remaining budget: the live visual tokens least
+cosine-similar to it (hidden states at the layer's input), i.e. the least duplicated ones. Kept: image pivots plus the picks. Text pivots come from
 the prompt only, so a cached decode and a re-forward pick alike.
 """
 from __future__ import annotations

@@ -116,6 +116,15 @@ class SelectionRule(ABC):
         """Keep `k` of the live visual tokens of every row (k < live)."""
 
 
+RULES: dict[str, type[SelectionRule]] = {}
+
+
+def register(rule: type[SelectionRule]) -> type[SelectionRule]:
+    """Class decorator: make a rule available by its name to recipes and the command line."""
+    RULES[rule.name] = rule
+    return rule
+
+
 class ScoringRule(SelectionRule):
     """A rule that ranks tokens (higher = keep); only such rules can score at the previous layer."""
 
@@ -131,6 +140,7 @@ def _reduce_heads(probs: torch.Tensor, how: str) -> torch.Tensor:
     return probs.amax(dim=1) if how == "max" else probs.mean(dim=1)
 
 
+@register
 class AttentionRule(ScoringRule):
     """FastV-style: head-mean attention that the last prompt token (or all post-image text) pays."""
 
@@ -157,6 +167,7 @@ class AttentionRule(ScoringRule):
         return probs.gather(1, vis)
 
 
+@register
 class FitPruneRule(ScoringRule):
     """FitPrune's inference score: text->visual mass times visual->visual mass (head-max maps)."""
 
@@ -185,6 +196,7 @@ class FitPruneRule(ScoringRule):
         return cross * selfv
 
 
+@register
 class RandomRule(ScoringRule):
     """Uniform draws, seeded per (seed, sample, layer): the baseline every rule must beat."""
 
@@ -203,19 +215,6 @@ class RandomRule(ScoringRule):
             gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
             rows.append(torch.rand(ctx.num_visual, generator=gen))
         return torch.stack(rows).to(ctx.hidden.device)
-
-
-RULES: dict[str, type[SelectionRule]] = {}
-
-
-def register(rule: type[SelectionRule]) -> type[SelectionRule]:
-    """Class decorator: make a rule available by its name to recipes and the command line."""
-    RULES[rule.name] = rule
-    return rule
-
-
-for _rule in (AttentionRule, FitPruneRule, RandomRule):
-    register(_rule)
 
 
 def make_rule(name: str, params: dict[str, Any] | None = None) -> SelectionRule:

@@ -36,19 +36,20 @@ class VisionContext:
         """Index of the first patch (1 after a CLS token)."""
         return int(self.layout.has_cls)
 
-    def logits(self, layer_idx: int | None = None) -> torch.Tensor:
-        """Head-mean pre-softmax logits (B, tokens, tokens) of encoder layer `layer_idx` (default: stage)."""
+    def _head_logits(self, layer_idx: int | None) -> torch.Tensor:
+        """Scaled pre-softmax logits (B, H, tokens, tokens) of encoder layer `layer_idx` (default: stage)."""
         idx = self.layer_idx if layer_idx is None else layer_idx
         hidden = self.hidden if idx == self.layer_idx else self.inputs[idx]
         q, k, scale = self.adapter.vision_query_key(self.adapter.vision_layers()[idx], hidden)
-        return (q.float() @ k.float().transpose(-1, -2)).mean(dim=1) * scale
+        return (q.float() @ k.float().transpose(-1, -2)) * scale
+
+    def logits(self, layer_idx: int | None = None) -> torch.Tensor:
+        """Head-mean pre-softmax logits (B, tokens, tokens) of encoder layer `layer_idx` (default: stage)."""
+        return self._head_logits(layer_idx).mean(dim=1)
 
     def received(self, layer_idx: int | None = None) -> torch.Tensor:
         """(B, patches) head-mean softmax attention each patch receives, summed over all queries."""
-        idx = self.layer_idx if layer_idx is None else layer_idx
-        hidden = self.hidden if idx == self.layer_idx else self.inputs[idx]
-        q, k, scale = self.adapter.vision_query_key(self.adapter.vision_layers()[idx], hidden)
-        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1).mean(dim=1)
+        probs = torch.softmax(self._head_logits(layer_idx), dim=-1).mean(dim=1)
         return probs.sum(dim=1)[:, self.offset:]
 
 
