@@ -20,7 +20,7 @@ def _one_line_error(capsys, code, message):
 @pytest.mark.parametrize("argv,message", [
     (["--budget", "150%"], "budget '150%' is out of range"),
     (["--budget", "lots"], "budget 'lots' is not understood"),
-    (["--model", "/no/such/model"], "model '/no/such/model' not found locally"),
+    (["--model", "/no/such/model"], "model '/no/such/model' not found locally: no such folder"),
     (["--num-samples", "0"], "must be positive"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):

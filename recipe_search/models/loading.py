@@ -21,6 +21,9 @@ def load_model(name_or_path: str | Path, attn_implementation: str = "sdpa",
                dtype: torch.dtype = torch.float32) -> tuple[Any, Any, ModelAdapter]:
     """(model, processor, adapter) in eval mode. Never downloads: only local files are read."""
     source = str(name_or_path)
+    if (source.startswith(("/", ".", "~")) or source.count("/") > 1) and not Path(source).expanduser().exists():
+        # a path (a hub id is "org/name"): say so rather than relay the hub's repo-id syntax error
+        raise ModelLoadError(f"model {source!r} not found locally: no such folder")
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as exc:
