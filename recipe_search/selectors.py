@@ -17,7 +17,7 @@ from typing import Any
 from .flops import CostModel, VisionCost
 from .models import ModelAdapter
 from .recipe.build import with_vision_costs
-from .recipe.schema import Recipe, Schedule, Selection, VisionSelection
+from .recipe.schema import Recipe, Schedule, VisionSelection
 from .runtime.selection import ScoringRule, make_rule
 from .runtime.vision import resolve_encoder_layer
 
@@ -29,7 +29,8 @@ def apply_selector(recipe: Recipe, adapter: ModelAdapter, costs: CostModel, name
     method = replace(recipe.method, result={**recipe.method.result, "searched_with_rule": recipe.selection.rule})
     if rule.stage == "llm":
         score_layer = recipe.selection.score_layer if isinstance(rule, ScoringRule) else "same"
-        return replace(recipe, selection=Selection(rule.name, rule.params(), score_layer), method=method)
+        return replace(recipe, selection=replace(recipe.selection, rule=rule.name, params=rule.params(),
+                                                  score_layer=score_layer), method=method)
     layout = adapter.vision_layout()
     layer = resolve_encoder_layer(layout, encoder_layer)
     n, counts = recipe.schedule.visual_tokens, list(recipe.schedule.counts)

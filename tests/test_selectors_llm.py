@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from checks import assert_cached_decode_equals_reforward, assert_padded_batch_equals_rows_alone
+from checks import assert_cached_decode_equals_reforward, assert_padded_batch_equals_rows_alone, layer_contexts
 from recipe_search.runtime import PruningHandle, PruningPlan, ScoreContext, make_rule
 from recipe_search.runtime.ficoco import compress, correlate
 from recipe_search.runtime.selection import Choice, SelectionRule
@@ -28,28 +28,7 @@ def model(request, llava_sdpa, llava_eager):
 
 def _context(model, inputs, layer_idx=2):
     """The ScoreContext of an unpruned forward at the input of decoder layer `layer_idx`."""
-    from recipe_search.models import get_adapter
-
-    adapter = get_adapter(model)
-    layer = adapter.decoder_layers()[layer_idx]
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
-        seen["rope"] = kwargs["position_embeddings"]
-
-    hook = layer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model(**inputs)
-    finally:
-        hook.remove()
-    hidden = seen["hidden"]
-    batch, length = hidden.shape[:2]
-    cos, sin = (t.expand(batch, -1, -1) for t in seen["rope"])
-    visual = inputs["input_ids"] == adapter.image_token_id
-    return ScoreContext(adapter=adapter, layer=layer, layer_idx=layer_idx, hidden=hidden, cos=cos, sin=sin,
-                        cols=torch.arange(length).expand(batch, -1), visual=visual,
-                        key_ok=inputs["attention_mask"].bool(), prompt_end=length, row_keys=[0] * batch)
+    return layer_contexts(model, inputs)[0][layer_idx]
 
 
 @pytest.mark.parametrize("name", sorted(RULES))

@@ -1,33 +1,21 @@
-"""Model adapters: the only code that knows a model family."""
+"""Model adapters: the only code that knows a model family.
+
+Each family module registers its adapter with `register_family` when imported; importing this
+package imports every module in it, so adding a family is adding one module, and the registry is
+complete wherever an adapter is looked up.
+"""
 from __future__ import annotations
 
-from torch import nn
+import importlib
+import pkgutil
 
-from .base import Architecture, ModelAdapter, ModelDims
-from .llava import LlavaAdapter
-from .qwen2_vl import Qwen2VLAdapter
+from .base import (Architecture, LayerCall, LiveTokens, ModelAdapter, ModelDims, UnsupportedModelError,
+                   VisionLayout, adapter_class, families, get_adapter, register_family, supported_model_types)
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter)
+_CONTRACT = {"base", "loading"}
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in _CONTRACT:
+        importlib.import_module(f"{__name__}.{_module}")  # the family registers itself
 
-
-class UnsupportedModelError(ValueError):
-    pass
-
-
-def supported_model_types() -> list[str]:
-    return [t for a in ADAPTERS for t in a.model_types]
-
-
-def get_adapter(model: nn.Module) -> ModelAdapter:
-    """The adapter for `model`, or a one-line error naming the supported architectures."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
-            return adapter(model)
-    raise UnsupportedModelError(
-        f"unsupported model type {model_type!r}; supported: {', '.join(supported_model_types())}"
-    )
-
-
-__all__ = ["ADAPTERS", "Architecture", "ModelAdapter", "ModelDims", "UnsupportedModelError", "get_adapter",
-           "supported_model_types"]
+__all__ = ["Architecture", "LayerCall", "LiveTokens", "ModelAdapter", "ModelDims", "UnsupportedModelError",
+           "VisionLayout", "adapter_class", "families", "get_adapter", "register_family", "supported_model_types"]

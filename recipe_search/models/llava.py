@@ -1,16 +1,32 @@
-"""LLaVA (llava-hf checkpoints and the embedded demo): CLIP-style tower, projector, Llama decoder."""
+"""LLaVA-1.5 (llava-hf checkpoints and the embedded demo): CLIP or SigLIP tower, projector, and a
+Llama, Mistral (sliding window) or Qwen2 decoder."""
 from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import nn
 
-from .base import ModelAdapter, VisionLayout
+from .base import ModelAdapter, VisionLayout, register_family
 
 
-class LlavaAdapter(ModelAdapter):
+class ViTTowerMixin:
+    """Vision-side access for towers built of CLIP/SigLIP encoder layers (`layer_norm1`, `self_attn`)."""
+
+    def vision_query_key(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        attn = layer.self_attn
+        x = layer.layer_norm1(hidden)
+        bsz, length, _ = x.shape
+        q = attn.q_proj(x).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(bsz, length, -1, attn.head_dim).transpose(1, 2)
+        return q, k, float(attn.scale)
+
+
+@register_family
+class LlavaAdapter(ViTTowerMixin, ModelAdapter):
     family = "llava"
     model_types = ("llava",)
+    model_class = "LlavaForConditionalGeneration"
 
     def visual_tokens_per_image(self) -> int:
         vc = self.config.vision_config
@@ -43,4 +59,3 @@ class LlavaAdapter(ModelAdapter):
                             intermediate_size=int(vc.intermediate_size), feature_index=layer % (depth + 1),
                             has_cls=has_cls, patches=(int(vc.image_size) // int(vc.patch_size)) ** 2,
                             projector_macs_per_token=macs)
-

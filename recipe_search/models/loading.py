@@ -5,16 +5,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+import transformers
+from transformers import AutoConfig
 
-from . import get_adapter, supported_model_types
-from .base import ModelAdapter
-
-_MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
+from .base import ModelAdapter, UnsupportedModelError, adapter_class
 
 
 class ModelLoadError(RuntimeError):
     pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_model(name_or_path: str | Path, attn_implementation: str = "sdpa",
@@ -27,17 +30,19 @@ def load_model(name_or_path: str | Path, attn_implementation: str = "sdpa",
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"model {source!r} not found locally (nothing is downloaded): {first}") from None
-    cls = _MODEL_CLASSES.get(config.model_type)
-    if cls is None:
-        raise ModelLoadError(
-            f"unsupported model type {config.model_type!r}; supported: {', '.join(supported_model_types())}"
-        )
+        raise ModelLoadError(f"model {source!r} not found locally (nothing is downloaded): {_first_line(exc)}") from None
+    try:
+        family = adapter_class(config.model_type)
+    except UnsupportedModelError as exc:
+        raise ModelLoadError(str(exc)) from None
+    cls = getattr(transformers, family.model_class)
     model = cls.from_pretrained(source, local_files_only=True, attn_implementation=attn_implementation, dtype=dtype)
     model.eval()
     try:
-        processor = AutoProcessor.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ModelLoadError(f"model {source!r}: cannot load its processor ({exc})") from None
-    return model, processor, get_adapter(model)
+        processor = family.load_processor(source)
+    except ImportError as exc:
+        raise ModelLoadError(f"model {source!r}: its processor needs a package that is not installed "
+                             f"({_first_line(exc)})") from None
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise ModelLoadError(f"model {source!r}: cannot load its processor ({_first_line(exc)})") from None
+    return model, processor, family(model)

@@ -33,6 +33,9 @@ _SECTIONS = {
 }
 
 
+IMAGE_POLICIES = ("per-image", "pooled")
+
+
 def _check_type(value: Any, hint: Any, where: str) -> None:
     origin = get_origin(hint)
     if hint is Any:
@@ -115,6 +118,8 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError(f"budget.kind: {b.kind!r} is not 'flops', 'tokens' or 'none'")
     if recipe.selection.score_layer not in ("same", "previous"):
         raise RecipeError(f"selection.score_layer: {recipe.selection.score_layer!r} is not 'same' or 'previous'")
+    if recipe.selection.images not in IMAGE_POLICIES:
+        raise RecipeError(f"selection.images: {recipe.selection.images!r} is not one of {', '.join(IMAGE_POLICIES)}")
     _check_rule("selection", recipe.selection.rule, recipe.selection.params, "llm")
     if recipe.vision is not None:
         _check_rule("vision", recipe.vision.rule, recipe.vision.params, "vision")

@@ -61,6 +61,7 @@ class Selection:
     rule: str
     params: dict[str, Any]
     score_layer: str                # "same" or "previous"
+    images: str = "per-image"       # several images in a prompt: each keeps its share, or "pooled"
 
 
 @dataclass(frozen=True)

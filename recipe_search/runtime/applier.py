@@ -1,13 +1,20 @@
-"""Attach a pruning plan to an unmodified transformers model with forward pre-hooks.
+"""Attach a pruning plan to an unmodified transformers model through one set of hooks.
 
-Nothing in the model is patched: a pre-hook on the top model notes each forward's image mask,
-padding and prompt, and a pre-hook on every decoder layer drops visual tokens at the scheduled
-layers (merging rules also rewrite the survivors' hidden states) and re-indexes what the model
-loop keeps passing at full length (RoPE cos/sin, position ids, attention mask). A plan with a
-vision stage (vision.py) selects patches in the vision tower first; layer 0 then drops the other
-placeholders. Survivors keep their original RoPE positions. During cached decoding each
-layer's attention mask is rebuilt for that layer's own KV layout, since layers may hold different
-numbers of keys. `remove()` detaches every hook and leaves the model exactly as it was.
+Nothing in the model is patched. A hook on the top model notes each forward's visual tokens,
+their images, padding and prompt; a hook on every decoder layer drops visual tokens at the
+scheduled layers (merging rules also rewrite the survivors' hidden states) and re-indexes what
+the model loop keeps passing at full length (rotary tables, position ids, the layer's own mask).
+Everything family-specific (how a layer is called, its score math, its window, extra prefill
+hooks) comes from the model's adapter.
+
+Rows of a batch may keep different numbers of tokens (images of other sizes, several images per
+prompt): shorter rows are then left-padded with slots that no query attends to. Each image keeps
+its own share of the schedule (`per-image`, the default) or all images of a prompt compete for
+one pool (`pooled`). Survivors keep their original RoPE positions. Prefill masks are the model's
+own masks gathered at the surviving positions, so causal, padding, sliding-window and
+bidirectional-image structure carry over exactly; during cached decoding each layer's mask is
+rebuilt for that layer's own KV layout (including a sliding-window cache's cropping). `remove()`
+detaches every hook and leaves the model exactly as it was.
 """
 from __future__ import annotations
 
@@ -21,7 +28,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..models import ModelAdapter, get_adapter
+from ..hooks import CallHook, HookSet, ModelHook
+from ..models import LayerCall, LiveTokens, ModelAdapter, get_adapter
 from .plan import PruningPlan
 from .selection import Choice, ScoreContext, ScoringRule
 from .vision import VisionStage
@@ -38,19 +46,23 @@ class _Forward:
     """Per-prefill state, kept for the cached decode steps that follow it."""
 
     attn2d: torch.Tensor | None      # (B, T) original padding mask, extended as tokens arrive
-    visual0: torch.Tensor            # (B, T0) image-token mask of the prompt
+    visual0: torch.Tensor            # (B, T0) visual-token mask of the prompt
+    unit0: torch.Tensor              # (B, T0) selection unit (image, or the row's pool) of each visual token
+    targets: dict[tuple[int, int], list[int]]   # (row, unit) -> visual tokens kept entering each layer
     prompt_end: int
     row_keys: list[int]
-    targets: list[int]               # visual tokens kept entering each layer
     cache: Any = None                # weakref to the KV cache this prefill filled
     prefill_len: int = 0
     total_len: int = 0               # original columns seen so far (prefill + decoded)
-    cols: torch.Tensor | None = None     # (B, Lc) live original columns during prefill
-    visual: torch.Tensor | None = None   # (B, Lc) live image-token mask during prefill
-    layer_cols: dict[int, torch.Tensor] = field(default_factory=dict)  # KV layout of pruned layers
-    pending_scores: torch.Tensor | None = None
+    cols: torch.Tensor | None = None     # (B, Lc) live original columns, -1 on padding slots
+    visual: torch.Tensor | None = None   # (B, Lc) live visual-token mask
+    unit: torch.Tensor | None = None     # (B, Lc) live unit ids, -1 off visual tokens
+    layout: int = 0                  # bumped at every drop: keys the gathered tensors
+    layer_cols: dict[int, torch.Tensor] = field(default_factory=dict)  # each layer's KV slots
+    step_kv: dict[int, torch.Tensor] = field(default_factory=dict)     # keys of the current decode step
+    pending_scores: torch.Tensor | None = None  # (B, Lc) previous-layer scores of the live slots
     counts: list[int] = field(default_factory=list)
-    gathered: dict[str, Any] = field(default_factory=dict)
+    gathered: dict[Any, Any] = field(default_factory=dict)
     pruning_started: bool = False
     decode_q: int = 0                # tokens in the current cached step; 0 while prefilling
 
@@ -61,6 +73,8 @@ class PrefillSnapshot:
 
     cols: torch.Tensor
     visual: torch.Tensor
+    unit: torch.Tensor
+    layout: int
     counts: tuple[int, ...]
     pending_scores: torch.Tensor | None
     pruning_started: bool
@@ -90,29 +104,29 @@ class PruningHandle:
         #: Columns >= prompt_len are treated as generated, not prompt (None = the whole input).
         #: Set it when re-forwarding prompt + generated tokens so scores match the cached run.
         self.prompt_len: int | None = None
-        #: Visual tokens entering each layer in the last pruned prefill.
+        #: Visual tokens entering each layer in the last pruned prefill (summed over the batch's
+        #: first row: its images, or its pool).
         self.last_counts: list[int] = []
         self._state: _Forward | None = None
         self._vision: VisionStage | None = None
         self._cache_arg = cache_argument(model)
-        self._hooks = [model.register_forward_pre_hook(self._top_hook, with_kwargs=True)]
+        self.hooks = HookSet()
+        self.hooks.add(model, CallHook(self._top_hook))
         for idx, layer in enumerate(layers):
-            self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(idx), with_kwargs=True))
+            self.hooks.add(layer, CallHook(self._layer_hook(idx)))
+        for module, hook in self.adapter.prefill_hooks(self._live):
+            self.hooks.add(module, hook)
         if plan.vision is not None:
             try:
                 self._vision = VisionStage(self.adapter, plan.vision, plan.vision_layer,
-                                           lambda n: plan.counts_for(n)[0])
+                                           lambda n: plan.counts_for(n)[0], self.hooks)
             except ValueError:
                 self.remove()
                 raise
 
     # -- lifecycle -------------------------------------------------------------------------------
     def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        if self._vision is not None:
-            self._vision.remove()
+        self.hooks.remove()
         self._state = None
 
     def __enter__(self) -> "PruningHandle":
@@ -121,12 +135,18 @@ class PruningHandle:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
+    def _live(self) -> LiveTokens | None:
+        state = self._state
+        if state is None or state.decode_q or state.cols is None:
+            return None
+        return LiveTokens(state.cols, state.visual0)
+
     # -- top-level hook --------------------------------------------------------------------------
     def _top_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = _cache_of(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
-        has_image = input_ids is not None and bool((input_ids == self.adapter.image_token_id).any())
+        has_image = input_ids is not None and bool(self.adapter.visual_mask(input_ids).any())
         if self._vision is not None and kwargs.get("pixel_values") is not None:
             self._vision.forget()  # this forward encodes its images itself
         if past == 0:
@@ -139,7 +159,7 @@ class PruningHandle:
             if state is not None and cache is not None:
                 raise PruningError("this KV cache was not filled by the current pruned prefill; re-run the prompt")
             return args, kwargs
-        if has_image:
+        if any(v is not None for k, v in kwargs.items() if k.startswith("pixel_values")):
             raise PruningError("continuing a pruned KV cache with a new image is not supported")
         return args, self._start_decode(input_ids, kwargs)
 
@@ -162,42 +182,43 @@ class PruningHandle:
         """Set up the state for a prefill of `input_ids`; the layer hooks then prune as they run."""
         if attn2d is not None and attn2d.ndim != 2:
             raise PruningError("the pruning runtime needs a 2-D attention mask (or none)")
-        visual = input_ids == self.adapter.image_token_id
-        per_row = visual.sum(dim=1)
-        if bool((per_row != per_row[0]).any()):
-            raise PruningError("all rows of a batch must have the same number of image tokens; batch them separately")
         length = input_ids.shape[1]
         prompt_end = min(self.prompt_len or length, length)
+        in_prompt = torch.arange(length, device=input_ids.device)[None, :] < prompt_end
+        visual = self.adapter.visual_mask(input_ids) & in_prompt  # a generated id is never a placeholder
+        unit = self.adapter.visual_groups(input_ids) if self.plan.images == "per-image" else \
+            torch.zeros_like(input_ids)
+        unit = torch.where(visual, unit, -1)
+        targets: dict[tuple[int, int], list[int]] = {}
+        for row in range(input_ids.shape[0]):
+            ids, sizes = torch.unique(unit[row][visual[row]], return_counts=True)
+            for u, n in zip(ids.tolist(), sizes.tolist()):
+                targets[(row, u)] = self.plan.counts_for(n)
         valid = attn2d.bool() if attn2d is not None else torch.ones_like(visual)
         row_keys = [
             int.from_bytes(hashlib.sha256(ids[ok[:prompt_end]].cpu().numpy().tobytes()).digest()[:8], "little")
             for ids, ok in zip(input_ids[:, :prompt_end], valid[:, :prompt_end])
         ]
-        self._state = _Forward(
-            attn2d=attn2d,
-            visual0=visual,
-            prompt_end=prompt_end,
-            row_keys=row_keys,
-            targets=self.plan.counts_for(int(per_row[0])),
-            prefill_len=length,
-            total_len=length,
-        )
+        self._state = _Forward(attn2d=attn2d, visual0=visual, unit0=unit, targets=targets, prompt_end=prompt_end,
+                               row_keys=row_keys, prefill_len=length, total_len=length)
         return self._state
 
     def snapshot(self) -> PrefillSnapshot:
         """The prefill state after the layers run so far, to resume a schedule that shares them."""
         state = self._state
-        assert state is not None and state.cols is not None and state.visual is not None
-        return PrefillSnapshot(state.cols, state.visual, tuple(state.counts), state.pending_scores,
-                               state.pruning_started)
+        assert state is not None and state.cols is not None and state.visual is not None and state.unit is not None
+        return PrefillSnapshot(state.cols, state.visual, state.unit, state.layout, tuple(state.counts),
+                               state.pending_scores, state.pruning_started)
 
     def resume(self, snap: PrefillSnapshot) -> None:
         """Continue a prefill begun with `begin_prefill` from the layer after `snap` was taken."""
         state = self._state
         assert state is not None
-        if tuple(state.targets[: len(snap.counts)]) != snap.counts:
+        expected = [sum(t[i] for (r, _), t in state.targets.items() if r == 0) for i in range(len(snap.counts))]
+        if expected != list(snap.counts):
             raise PruningError("snapshot was taken under a schedule with another prefix")
-        state.cols, state.visual, state.counts = snap.cols, snap.visual, list(snap.counts)
+        state.cols, state.visual, state.unit, state.counts = snap.cols, snap.visual, snap.unit, list(snap.counts)
+        state.layout = snap.layout + 1_000_000  # gathered tensors of another handle are not ours
         state.pending_scores, state.pruning_started = snap.pending_scores, snap.pruning_started
         state.gathered.clear()
 
@@ -209,9 +230,9 @@ class PruningHandle:
         if attn2d is None:
             attn2d = torch.ones(state.visual0.shape[0], state.total_len + q, dtype=torch.long,
                                 device=state.visual0.device)
-        if attn2d.shape[1] != state.total_len + q:
+        if attn2d.ndim != 2 or attn2d.shape[1] != state.total_len + q:
             raise PruningError(
-                f"attention mask covers {attn2d.shape[1]} tokens, expected {state.total_len + q} "
+                f"attention mask covers {attn2d.shape[-1]} tokens, expected {state.total_len + q} "
                 "(prompt + generated so far)"
             )
         state.attn2d = attn2d
@@ -238,145 +259,255 @@ class PruningHandle:
     def _prefill_layer(self, idx: int, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         state = self._state
         assert state is not None
-        hidden = args[0] if args else kwargs["hidden_states"]
+        call = self.adapter.read_layer_call(args, kwargs)
+        hidden = call.hidden
         batch, length = hidden.shape[:2]
         if state.cols is None:
             state.cols = torch.arange(length, device=hidden.device).expand(batch, -1)
-            state.visual = state.visual0
-        cos, sin = self._gathered_rope(kwargs["position_embeddings"], state, batch)
-        target = state.targets[idx]
-        live = int(state.visual[0].sum())
-        choice = self._choice(idx, layer, hidden, cos, sin, target, live)
-        if choice is not None:
-            hidden = self._apply(hidden, choice)
-            state.gathered.clear()
-            cos, sin = self._gathered_rope(kwargs["position_embeddings"], state, batch)
+            state.visual, state.unit = state.visual0, state.unit0
+        keep = self._keep(idx, layer, call)
+        if keep is not None:
+            hidden = self._compact(hidden, *keep)
             state.pruning_started = True
         state.pending_scores = None
-        live = int(state.visual[0].sum())
-        state.counts.append(live)
+        state.counts.append(int(state.visual[0].sum()))
+        live_call = self._gathered_call(call, hidden) if state.pruning_started else call
         nxt = idx + 1
-        if (
-            self.plan.score_layer == "previous"
-            and nxt < len(state.targets)
-            and (state.targets[nxt] < live or (self.score_ahead and live > 0))
-        ):
-            assert isinstance(self.plan.rule, ScoringRule)
-            state.pending_scores = self.plan.rule.score(self._context(idx, layer, hidden, cos, sin))
-        if nxt == len(state.targets):
+        if self.plan.score_layer == "previous" and nxt < len(self.plan.counts) and self._scores_next(nxt):
+            state.pending_scores = self._score_slots(self._context(idx, layer, live_call))
+        if nxt == len(self.plan.counts):
             self.last_counts = list(state.counts)
+        if state.cache is not None:
+            state.layer_cols[idx] = self._cached_slots(idx, state.cols)
         if not state.pruning_started:
             return args, kwargs
-        state.layer_cols[idx] = state.cols
-        kwargs = dict(kwargs)
-        kwargs["position_embeddings"] = (cos, sin)
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = self._gather_positions(kwargs["position_ids"], state)
-        if kwargs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = self._mask(kwargs["attention_mask"], state, state.cols, state.cols)
-        if args:
-            args = (hidden, *args[1:])
-        else:
-            kwargs["hidden_states"] = hidden
-        return args, kwargs
+        return self.adapter.write_layer_call(args, kwargs, live_call)
 
-    def _choice(self, idx: int, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                target: int, live: int) -> Choice | None:
-        """What survives entering layer `idx`: the vision stage's pick at layer 0, else the rule's, if any drop."""
+    def _scores_next(self, nxt: int) -> bool:
         state = self._state
-        assert state is not None
+        assert state is not None and state.unit is not None
+        if self.score_ahead and bool(state.visual.any()):
+            return True
+        return any(t[nxt] < self._unit_live(row, u) for (row, u), t in state.targets.items())
+
+    def _unit_live(self, row: int, unit: int) -> int:
+        state = self._state
+        assert state is not None and state.unit is not None
+        return int((state.unit[row] == unit).sum())
+
+    def _keep(self, idx: int, layer: nn.Module, call: LayerCall) -> tuple[torch.Tensor, list] | None:
+        """(B, Lc) slots that survive entering layer `idx` and the merges to apply, or None if nothing drops."""
+        state = self._state
+        assert state is not None and state.unit is not None and state.visual is not None
         if self._vision is not None and idx == 0:
             kept = self._vision.take()
-            if kept is None and target < live:
-                raise PruningError("the vision stage did not run for this prefill: pass the image's pixel_values")
             if kept is not None:
-                if hidden.shape[0] % kept.shape[0]:
-                    raise PruningError("the vision stage saw a batch that does not match this prefill")
-                return Choice(kept.repeat_interleave(hidden.shape[0] // kept.shape[0], dim=0))
-        if target >= live:
+                return self._vision_keep(kept)
+            if any(t[0] < self._unit_live(r, u) for (r, u), t in state.targets.items()):
+                raise PruningError("the vision stage did not run for this prefill: pass the image's pixel_values")
+        todo = [(r, u, t[idx]) for (r, u), t in state.targets.items() if t[idx] < self._unit_live(r, u)]
+        if not todo:
             return None
+        keep = state.cols >= 0
+        merges: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         if state.pending_scores is not None:
-            return Choice.top(state.pending_scores, target)
-        return self.plan.rule.select(self._context(idx, layer, hidden, cos, sin), target)
+            for r, u, k in todo:
+                slots = (state.unit[r] == u).nonzero()[:, 0]
+                self._drop(keep, r, slots, Choice.top(state.pending_scores[r, slots][None], k))
+            return keep, merges
+        live_call = self._gathered_call(call, call.hidden)
+        ctx = self._context(idx, layer, live_call)
+        rows_units = {r for r, _, _ in todo}
+        if len(todo) == ctx.hidden.shape[0] == len(rows_units) and len({k for *_, k in todo}) == 1 \
+                and len(state.targets) == len(todo) and len({self._unit_live(r, u) for r, u, _ in todo}) == 1:
+            # every row is one unit with the same live count and target: one batched call
+            choice = self.plan.rule.select(ctx, todo[0][2])
+            for r, _, _ in todo:
+                slots = state.visual[r].nonzero()[:, 0]
+                self._drop(keep, r, slots, _row(choice, r), merges)
+            return keep, merges
+        for r, u, k in todo:
+            sub = ctx.unit_context(r, state.unit[r:r + 1] == u)
+            slots = (state.unit[r] == u).nonzero()[:, 0]
+            self._drop(keep, r, slots, self.plan.rule.select(sub, k), merges)
+        return keep, merges
 
-    def _context(self, idx: int, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> ScoreContext:
+    def _vision_keep(self, kept: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Layer-0 survivors from the vision stage's patch choice (one row of `kept` per image)."""
         state = self._state
-        assert state is not None and state.cols is not None and state.visual is not None
-        key_ok = (
-            state.attn2d.bool().gather(1, state.cols) if state.attn2d is not None
-            else torch.ones_like(state.visual)
-        )
-        return ScoreContext(
-            adapter=self.adapter, layer=layer, layer_idx=idx, hidden=hidden, cos=cos, sin=sin,
-            cols=state.cols, visual=state.visual, key_ok=key_ok, prompt_end=state.prompt_end,
-            row_keys=state.row_keys,
-        )
-
-    def _apply(self, hidden: torch.Tensor, choice: Choice) -> torch.Tensor:
-        """Keep text and the chosen visual tokens of every row in their original order; merge if asked."""
-        state = self._state
-        assert state is not None and state.cols is not None and state.visual is not None
-        visual = state.visual
-        width = hidden.shape[-1]
-        vis_pos = visual.nonzero()[:, 1].view(visual.shape[0], -1)
-        keep = (~visual).scatter(1, vis_pos.gather(1, choice.keep), True)
-        positions = keep.nonzero()[:, 1].view(keep.shape[0], -1)
-        state.cols = state.cols.gather(1, positions)
-        state.visual = visual.gather(1, positions)
-        out = hidden.gather(1, positions[..., None].expand(-1, -1, width))
-        if choice.merge is None:
-            return out
-        merged = choice.merge @ hidden.gather(1, vis_pos[..., None].expand(-1, -1, width)).float()
-        new_pos = state.visual.nonzero()[:, 1].view(visual.shape[0], -1)
-        return out.scatter(1, new_pos[..., None].expand(-1, -1, width), merged.to(hidden.dtype))
-
-    def _gathered_rope(self, rope: tuple[torch.Tensor, torch.Tensor], state: _Forward,
-                       batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if "rope" not in state.gathered:
-            assert state.cols is not None
-            cos, sin = rope
-            index = state.cols[..., None].expand(-1, -1, cos.shape[-1])
-            state.gathered["rope"] = tuple(t.expand(batch, -1, -1).gather(1, index) for t in (cos, sin))
-        return state.gathered["rope"]
+        assert state is not None and state.unit is not None
+        units = sorted(state.targets)
+        if kept.shape[0] != len(units):
+            if not units or len(units) % kept.shape[0]:
+                raise PruningError("the vision stage saw a batch that does not match this prefill")
+            kept = kept.repeat_interleave(len(units) // kept.shape[0], dim=0)
+        keep = state.cols >= 0
+        for i, (r, u) in enumerate(units):
+            slots = (state.unit[r] == u).nonzero()[:, 0]
+            if slots.numel() != self._vision.layout.patches:
+                raise PruningError("vision-side selection needs every image to give the tower's patch count")
+            self._drop(keep, r, slots, Choice(kept[i:i + 1]))
+        return keep, []
 
     @staticmethod
-    def _gather_positions(position_ids: torch.Tensor, state: _Forward) -> torch.Tensor:
-        assert state.cols is not None
-        lead = position_ids.shape[:-2]
-        expanded = position_ids.expand(*lead, state.cols.shape[0], position_ids.shape[-1])
-        return expanded.gather(-1, state.cols.expand(*lead, *state.cols.shape))
+    def _drop(keep: torch.Tensor, row: int, slots: torch.Tensor, choice: Choice,
+              merges: list | None = None) -> None:
+        """Mark the unit's `slots` of `row` dropped except the chosen ones; queue the merge if any."""
+        keep[row, slots] = False
+        survivors = slots[choice.keep[0]]
+        keep[row, survivors] = True
+        if choice.merge is not None and merges is not None:
+            merges.append((row, survivors, slots, choice.merge[0]))
 
-    def _mask(self, like: torch.Tensor | None, state: _Forward, q_cols: torch.Tensor,
-              kv_cols: torch.Tensor) -> torch.Tensor:
-        """The 4-D mask for queries at `q_cols` over keys at `kv_cols`, in the backend's format."""
-        batch = q_cols.shape[0]
-        pad_ok = (
-            state.attn2d.bool().gather(1, kv_cols) if state.attn2d is not None
-            else torch.ones_like(kv_cols, dtype=torch.bool)
-        )
+    def _compact(self, hidden: torch.Tensor, keep: torch.Tensor, merges: list) -> torch.Tensor:
+        """Keep the surviving slots of every row in order, left-padding shorter rows; apply merges."""
+        state = self._state
+        assert state is not None and state.cols is not None and state.visual is not None and state.unit is not None
+        if merges:
+            hidden = hidden.clone()
+            for row, survivors, slots, weights in merges:
+                hidden[row, survivors] = (weights @ hidden[row, slots].float()).to(hidden.dtype)
+        width = int(keep.sum(dim=1).max())
+        order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, -width:]
+        real = keep.gather(1, order)
+        state.cols = torch.where(real, state.cols.gather(1, order), -1)
+        state.visual = state.visual.gather(1, order) & real
+        state.unit = torch.where(real, state.unit.gather(1, order), -1)
+        state.layout += 1
+        state.gathered.clear()
+        return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+
+    # -- what the layer sees ---------------------------------------------------------------------
+    def _gathered_call(self, call: LayerCall, hidden: torch.Tensor) -> LayerCall:
+        """`call` with rotary tables, position ids and mask re-indexed to the live slots."""
+        state = self._state
+        assert state is not None and state.cols is not None
+        idx = state.cols.clamp(min=0)
+        rope = None
+        if call.rope is not None:
+            key = ("rope", id(call.rope[0]), state.layout)
+            if key not in state.gathered:
+                index = idx[..., None].expand(-1, -1, call.rope[0].shape[-1])
+                state.gathered[key] = tuple(
+                    t.expand(idx.shape[0], -1, -1).gather(1, index) for t in call.rope)
+            rope = state.gathered[key]
+        positions = None
+        if call.position_ids is not None:
+            lead = call.position_ids.shape[:-2]
+            expanded = call.position_ids.expand(*lead, idx.shape[0], call.position_ids.shape[-1])
+            positions = expanded.gather(-1, idx.expand(*lead, *idx.shape))
+        mask = self._prefill_mask(call.mask)
+        return LayerCall(hidden, rope, positions, mask)
+
+    def _prefill_mask(self, like: torch.Tensor | None) -> torch.Tensor | None:
+        """The layer's own mask at the live slots; padding slots attend only to themselves."""
+        state = self._state
+        assert state is not None and state.cols is not None
+        pads = state.cols < 0
+        if like is None and not bool(pads.any()):
+            return None  # the backend's causal kernel is exact on an order-preserving subsequence
+        key = ("mask", id(like), state.layout)
+        if key in state.gathered:
+            return state.gathered[key]
+        idx = state.cols.clamp(min=0)
+        batch, width = idx.shape
+        if like is None:
+            allowed = self._allowed(state, idx, idx)[:, None]
+            dtype = None
+        else:
+            m = like.expand(batch, -1, -1, -1)
+            m = m.gather(2, idx[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
+            m = m.gather(3, idx[:, None, None, :].expand(-1, m.shape[1], width, -1))
+            allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+            dtype = like.dtype
+        eye = torch.eye(width, dtype=torch.bool, device=idx.device)
+        allowed = (allowed & ~pads[:, None, None, :]) | (eye & pads[:, None, :, None])
+        state.gathered[key] = self._format(allowed, dtype)
+        return state.gathered[key]
+
+    def _allowed(self, state: _Forward, q_cols: torch.Tensor, kv_cols: torch.Tensor,
+                 window: int | None = None) -> torch.Tensor:
+        """(B, q, kv) causal, padding and window structure over original columns (-1: padding slot)."""
+        kv = kv_cols.clamp(min=0)
+        pad_ok = state.attn2d.bool().gather(1, kv) if state.attn2d is not None else torch.ones_like(kv, dtype=torch.bool)
+        pad_ok = pad_ok & (kv_cols >= 0)
         allowed = pad_ok[:, None, :] & (kv_cols[:, None, :] <= q_cols[:, :, None])
-        allowed = allowed[:, None].expand(batch, 1, q_cols.shape[1], kv_cols.shape[1])
-        bool_mask = like.dtype == torch.bool if like is not None else self.attn_impl == "sdpa"
-        if bool_mask:
+        if window is not None:
+            allowed = allowed & (q_cols[:, :, None] - kv_cols[:, None, :] < window)
+        return allowed
+
+    def _format(self, allowed: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """A boolean (B, 1, q, kv) mask in the format of the model's own (bool, or additive float)."""
+        if dtype is None:
+            if self.attn_impl == "sdpa":
+                return allowed
+            dtype = self.adapter.decoder().dtype
+        if dtype == torch.bool:
             return allowed
-        dtype = like.dtype if like is not None else self.adapter.decoder().dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
+            ~allowed, torch.finfo(dtype).min)
+
+    def _cached_slots(self, idx: int, slots: torch.Tensor) -> torch.Tensor:
+        """What layer `idx`'s KV cache holds after storing `slots`: a sliding-window cache keeps the last W-1."""
+        state = self._state
+        assert state is not None
+        cache = state.cache() if state.cache is not None else None
+        layers = getattr(cache, "layers", None)
+        if layers is not None and idx < len(layers) and getattr(layers[idx], "is_sliding", False):
+            return slots[:, -(int(layers[idx].sliding_window) - 1):]
+        return slots
+
+    def _context(self, idx: int, layer: nn.Module, call: LayerCall) -> ScoreContext:
+        state = self._state
+        assert state is not None and state.cols is not None and state.visual is not None
+        kv = state.cols.clamp(min=0)
+        key_ok = (state.attn2d.bool().gather(1, kv) if state.attn2d is not None
+                  else torch.ones_like(state.visual)) & (state.cols >= 0)
+        return ScoreContext(
+            adapter=self.adapter, layer=layer, layer_idx=idx, hidden=call.hidden, rope=call.rope,
+            cols=state.cols, visual=state.visual, all_visual=state.visual, key_ok=key_ok,
+            prompt_end=state.prompt_end, row_keys=state.row_keys, mask=call.mask,
         )
 
+    def _score_slots(self, ctx: ScoreContext) -> torch.Tensor:
+        """(B, Lc) scores of every live visual slot by the plan's rule, per unit (-inf elsewhere)."""
+        state = self._state
+        assert state is not None and state.unit is not None
+        rule = self.plan.rule
+        assert isinstance(rule, ScoringRule)
+        out = torch.full(state.cols.shape, float("-inf"), device=state.cols.device)
+        per_row = state.visual.sum(dim=1)
+        if bool((per_row == per_row[0]).all()) and per_row[0] > 0 and all(
+                int(state.unit[r][state.visual[r]].unique().numel()) == 1 for r in range(out.shape[0])):
+            return out.masked_scatter(state.visual, rule.score(ctx).float())
+        for (r, u) in state.targets:
+            unit = state.unit[r:r + 1] == u
+            if bool(unit.any()):
+                out[r:r + 1] = out[r:r + 1].masked_scatter(unit, rule.score(ctx.unit_context(r, unit)).float())
+        return out
+
+    # -- decoding --------------------------------------------------------------------------------
     def _decode_layer(self, idx: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = self._state
         assert state is not None
-        kept = state.layer_cols.get(idx)
-        q = state.decode_q
-        like = kwargs.get("attention_mask")
-        if kept is None or (like is None and q == 1):
+        if not state.pruning_started:
             return None
+        kept = state.layer_cols[idx]
+        q = state.decode_q
         batch = kept.shape[0]
-        new = torch.arange(state.prefill_len, state.total_len, device=kept.device).expand(batch, -1)
-        q_cols = new[:, -q:]
-        return args, {**kwargs, "attention_mask": self._mask(like, state, q_cols, torch.cat([kept, new], dim=1))}
+        new = torch.arange(state.total_len - q, state.total_len, device=kept.device).expand(batch, -1)
+        kv = torch.cat([kept, new], dim=1)
+        state.step_kv[idx] = kv
+        state.layer_cols[idx] = self._cached_slots(idx, kv)
+        call = self.adapter.read_layer_call(args, kwargs)
+        like = call.mask
+        allowed = self._allowed(state, new, kv, self.adapter.layer_window(idx))[:, None]
+        mask = self._format(allowed, like.dtype if like is not None else None)
+        return self.adapter.write_layer_call(args, kwargs, LayerCall(call.hidden, call.rope, call.position_ids, mask))
+
+
+def _row(choice: Choice, row: int) -> Choice:
+    return Choice(choice.keep[row:row + 1], None if choice.merge is None else choice.merge[row:row + 1])
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -392,3 +523,6 @@ def _cache_of(kwargs: dict) -> Any:
     """The KV cache a forward() call was given, under its transformers >= 5.24 or older name."""
     cache = kwargs.get("cache")
     return cache if cache is not None else kwargs.get("past_key_values")
+
+
+__all__ = ["ModelHook", "PrefillSnapshot", "PruningError", "PruningHandle", "cache_argument"]

@@ -17,7 +17,8 @@ def plan_from_recipe(recipe: Recipe) -> PruningPlan:
     return PruningPlan(tuple(recipe.schedule.counts), recipe.schedule.visual_tokens, rule,
                        recipe.selection.score_layer,
                        vision=make_rule(stage.rule, stage.params) if stage is not None else None,
-                       vision_layer=stage.encoder_layer if stage is not None else None)
+                       vision_layer=stage.encoder_layer if stage is not None else None,
+                       images=recipe.selection.images)
 
 
 def check_recipe_matches(adapter: ModelAdapter, recipe: Recipe, allow_other_checkpoint: bool = False) -> None:

@@ -41,7 +41,7 @@ class DartRule(SelectionRule):
         taken = torch.zeros(batch, n, dtype=torch.bool, device=vis.device)
         pivots_img = norms.gather(1, vis).topk(image_pivots, dim=1).indices   # (B, p) among visual tokens
         taken.scatter_(1, pivots_img, True)
-        text = ~ctx.visual & ctx.key_ok & (ctx.cols < ctx.prompt_end)
+        text = ctx.text_mask()
         per_row = text.sum(dim=1).clamp(max=self.text_pivots)                # (B,)
         width = int(per_row.max()) if batch else 0
         pivots_txt = norms.masked_fill(~text, float("-inf")).topk(width, dim=1).indices   # (B, t) sequence positions

@@ -16,6 +16,9 @@ class PruningPlan:
     "previous" (layer l-1, FastV-style). An optional `vision` rule selects `counts[0]` of the
     patches in the vision tower at the input of encoder layer `vision_layer` (None: the last layer
     whose output the LLM reads) before any decoder layer runs; `rule` handles later drops.
+    `images` says how a prompt with several images (or video frames) shares the schedule:
+    "per-image", each image keeps its own share (the counts of its own size), or "pooled", all
+    visual tokens of the prompt compete for the counts of their total.
     """
 
     counts: tuple[int, ...]
@@ -24,8 +27,12 @@ class PruningPlan:
     score_layer: str = "same"
     vision: SelectionRule | None = None
     vision_layer: int | None = None
+    images: str = "per-image"
+
 
     def __post_init__(self) -> None:
+        if self.images not in ("per-image", "pooled"):
+            raise ValueError(f"images must be 'per-image' or 'pooled', not {self.images!r}")
         if self.score_layer not in ("same", "previous"):
             raise ValueError(f"score_layer must be 'same' or 'previous', not {self.score_layer!r}")
         if self.rule.stage != "llm":

@@ -23,49 +23,77 @@ from ..models.base import ModelAdapter
 
 @dataclass
 class ScoreContext:
-    """What a rule may look at: one layer's input for the live tokens of a batch (all (B, Lc, ...))."""
+    """What a rule may look at: one layer's input for the live tokens of a batch (all (B, Lc, ...)).
+
+    `visual` marks the tokens the rule chooses among (one image, or a prompt's pool, with the same
+    count in every row); `all_visual` marks every live visual token, so "text" never includes
+    another image. `mask` is the layer's own attention mask at the live tokens (None: causal).
+    """
 
     adapter: ModelAdapter
     layer: nn.Module
     layer_idx: int
     hidden: torch.Tensor      # (B, Lc, d) input of `layer`
-    cos: torch.Tensor         # (B, Lc, dh)
-    sin: torch.Tensor
-    cols: torch.Tensor        # (B, Lc) original column of each live token
-    visual: torch.Tensor      # (B, Lc) bool, same count per row
+    rope: tuple[torch.Tensor, torch.Tensor] | None   # the layer's (cos, sin) at the live tokens
+    cols: torch.Tensor        # (B, Lc) original column of each live token (-1: padding slot)
+    visual: torch.Tensor      # (B, Lc) bool, same count per row: the candidates
+    all_visual: torch.Tensor  # (B, Lc) bool: every live visual token
     key_ok: torch.Tensor      # (B, Lc) bool, False on padding
     prompt_end: int           # columns >= prompt_end are not part of the prompt (generated tokens)
     row_keys: list[int]       # a stable per-row identity (prompt content), for seeded rules
+    mask: torch.Tensor | None = None
     _qk: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_visual(self) -> int:
         return int(self.visual[0].sum())
 
+    def unit_context(self, row: int, candidates: torch.Tensor) -> "ScoreContext":
+        """The context of one row restricted to `candidates` (1, Lc): one image of a multi-image prompt."""
+        q, k = self.query_key()
+        s = slice(row, row + 1)
+        return ScoreContext(
+            adapter=self.adapter, layer=self.layer, layer_idx=self.layer_idx, hidden=self.hidden[s],
+            rope=None if self.rope is None else (self.rope[0][s], self.rope[1][s]), cols=self.cols[s],
+            visual=candidates, all_visual=self.all_visual[s], key_ok=self.key_ok[s], prompt_end=self.prompt_end,
+            row_keys=self.row_keys[s] if self.row_keys else [], mask=None if self.mask is None else self.mask[s],
+            _qk=(q[s], k[s]),
+        )
+
     def visual_positions(self) -> torch.Tensor:
-        """(B, n_vis) indices of the live visual tokens in the current sequence, in order."""
+        """(B, n_vis) indices of the candidate visual tokens in the current sequence, in order."""
         return self.visual.nonzero()[:, 1].view(self.visual.shape[0], -1)
+
+    def text_mask(self) -> torch.Tensor:
+        """(B, Lc) prompt tokens that are neither visual nor padding."""
+        return ~self.all_visual & self.key_ok & (self.cols < self.prompt_end)
 
     def query_key(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._qk is None:
-            self._qk = self.adapter.query_key(self.layer, self.hidden, self.cos, self.sin)
+            self._qk = self.adapter.query_key(self.layer, self.hidden, self.rope)
         return self._qk
 
     def _row_logits(self, rows: torch.Tensor) -> torch.Tensor:
         q, k = self.query_key()
         q_rows = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
-        return (q_rows.float() @ k.float().transpose(-1, -2)) * self.layer.self_attn.scaling
+        return self.adapter.attention_logits(self.layer, q_rows, k)
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         """Head-mean pre-softmax logits (B, R, Lc) of query rows `rows` (B, R), before any mask."""
         return self._row_logits(rows).mean(dim=1)
 
-    def attention(self, rows: torch.Tensor) -> torch.Tensor:
-        """Softmax attention (B, H, R, Lc) of query rows `rows` (B, R), causal and padding masked."""
-        logits = self._row_logits(rows)
+    def allowed(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, R, Lc) keys each query row may attend to: the layer's own mask, else causal + padding."""
+        if self.mask is not None:
+            m = self.mask[:, 0].gather(1, rows[..., None].expand(-1, -1, self.mask.shape[-1]))
+            ok = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+            return ok & self.key_ok[:, None, :]
         row_cols = self.cols.gather(1, rows)
-        allowed = self.key_ok[:, None, :] & (self.cols[:, None, :] <= row_cols[:, :, None])
-        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        return self.key_ok[:, None, :] & (self.cols[:, None, :] <= row_cols[:, :, None])
+
+    def attention(self, rows: torch.Tensor) -> torch.Tensor:
+        """Softmax attention (B, H, R, Lc) of query rows `rows` (B, R), masked as the layer masks."""
+        logits = self._row_logits(rows).masked_fill(~self.allowed(rows)[:, None], float("-inf"))
         return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
     def last_prompt_row(self) -> torch.Tensor:
@@ -73,10 +101,10 @@ class ScoreContext:
         return (self.cols == self.prompt_end - 1).float().argmax(dim=1, keepdim=True)
 
     def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices (B, T) of the prompt tokens after the image, and a validity mask (B, T)."""
+        """Indices (B, T) of the prompt tokens after the candidates, and a validity mask (B, T)."""
         vis_cols = self.cols.masked_fill(~self.visual, -1)
         last_visual = vis_cols.max(dim=1, keepdim=True).values
-        after = (self.cols > last_visual) & (self.cols < self.prompt_end) & self.key_ok & ~self.visual
+        after = (self.cols > last_visual) & self.text_mask()
         count = after.sum(dim=1)
         width = int(count.max())
         order = torch.sort((~after).to(torch.int8), dim=1, stable=True).indices[:, :width]

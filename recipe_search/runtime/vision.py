@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..hooks import CallHook, HookSet, ModelHook
 from ..models.base import ModelAdapter, VisionLayout
 from .selection import Choice, SelectionRule, check_fraction, register
 
@@ -108,7 +109,7 @@ class VisionStage:
     """Hooks of one pre-LLM stage; `take()` hands the decoder the patches kept for the last images."""
 
     def __init__(self, adapter: ModelAdapter, rule: SelectionRule, layer: int | None,
-                 keep_for: Callable[[int], int]) -> None:
+                 keep_for: Callable[[int], int], hooks: HookSet) -> None:
         if rule.stage != "vision":
             raise ValueError(f"selection rule {rule.name!r} runs in the LLM, not in the vision tower")
         assert isinstance(rule, VisionRule)
@@ -118,15 +119,10 @@ class VisionStage:
         self._inputs: dict[int, torch.Tensor] = {}
         self._kept: torch.Tensor | None = None
         layers = adapter.vision_layers()
-        self.handles = [layers[i].register_forward_pre_hook(self._record(i), with_kwargs=True)
-                        for i in rule.needs_layers(self.layer)]
-        self.handles.append(layers[self.layer].register_forward_pre_hook(self._select, with_kwargs=True))
-        self.handles.append(adapter.projector().register_forward_hook(self._scatter))
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        for i in rule.needs_layers(self.layer):
+            hooks.add(layers[i], CallHook(self._record(i)))
+        hooks.add(layers[self.layer], CallHook(self._select))
+        hooks.add(adapter.projector(), _Scatter(self))
 
     def forget(self) -> None:
         """Images are about to be encoded again: drop what the last encoding left."""
@@ -165,12 +161,18 @@ class VisionStage:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    def _scatter(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        """Put the projected survivors back at their patch slots (the rest are dropped at layer 0)."""
-        kept = self._kept
+
+class _Scatter(ModelHook):
+    """Put the projected survivors back at their patch slots (the rest are dropped at layer 0)."""
+
+    def __init__(self, stage: VisionStage) -> None:
+        self.stage = stage
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        kept = self.stage._kept
         if kept is None or output.shape[1] != kept.shape[1]:
             return None
-        full = output.new_zeros(output.shape[0], self.layout.patches, output.shape[-1])
+        full = output.new_zeros(output.shape[0], self.stage.layout.patches, output.shape[-1])
         return full.scatter(1, kept[..., None].expand(-1, -1, output.shape[-1]), output)
 
 

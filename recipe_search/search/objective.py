@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..calibration.data import SampleSet, batches
+from ..hooks import CallHook, HookSet
 from ..runtime.applier import PrefillSnapshot, PruningHandle
 from ..runtime.plan import PruningPlan
 from ..runtime.selection import SelectionRule
@@ -42,7 +43,7 @@ class _Batch:
     input_ids: torch.Tensor
     attn2d: torch.Tensor | None
     hidden0: torch.Tensor            # embeddings entering decoder layer 0 (vision already merged)
-    layer_kwargs: dict[str, Any]     # what the model loop passes every layer, full length
+    layer_calls: list[tuple[tuple, dict]]  # what the model loop passes each layer besides its input, full length
     ref_logp: torch.Tensor           # (B, V) unpruned next-token log-probabilities
     answers: list[str | None]
 
@@ -64,25 +65,22 @@ class ScheduleScorer:
         self.evaluations = 0
         self.layers_run = 0
         self.batches = [self._reference(chunk) for chunk in batches(data.samples, batch_size)]
-        self.visual_tokens = int((self.batches[0].input_ids[0] == loaded.adapter.image_token_id).sum())
+        self.visual_tokens = int(loaded.adapter.visual_mask(self.batches[0].input_ids[:1]).sum())
 
     @torch.no_grad()
     def _reference(self, chunk: Any) -> _Batch:
         lm = self.loaded
         inputs = lm.adapter.build_inputs(lm.processor, [s.image for s in chunk], [s.prompt for s in chunk])
-        captured: dict[str, Any] = {}
-
-        def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-
-        hook = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
+        calls: list[tuple[tuple, dict]] = []
+        with HookSet() as hooks:
+            for layer in self.layers:
+                hooks.add(layer, CallHook(lambda module, args, kwargs: calls.append((args, kwargs))))
             logits = lm.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
-        finally:
-            hook.remove()
-        layer_kwargs = captured["kwargs"]  # the reference forward ran with use_cache=False: no cache
-        return _Batch(inputs["input_ids"], inputs.get("attention_mask"), captured["hidden"], layer_kwargs,
+        # the reference forward ran with use_cache=False: no cache is kept alive in these calls
+        hidden0 = lm.adapter.read_layer_call(*calls[0]).hidden
+        layer_calls = [(args[1:], kwargs) if args else ((), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+                       for args, kwargs in calls]
+        return _Batch(inputs["input_ids"], inputs.get("attention_mask"), hidden0, layer_calls,
                       torch.log_softmax(logits.float(), -1), [s.answer for s in chunk])
 
     def _store(self, key: tuple, value: tuple[torch.Tensor, PrefillSnapshot]) -> None:
@@ -112,7 +110,8 @@ class ScheduleScorer:
                     start = depth
                     break
             for idx in range(start, len(self.layers)):
-                hidden = self.layers[idx](hidden, **batch.layer_kwargs)
+                rest, kwargs = batch.layer_calls[idx]
+                hidden = self.layers[idx](hidden, *rest, **kwargs)
                 self.layers_run += 1
                 if idx + 1 < len(self.layers):
                     self._store((index, counts[: idx + 1]), (hidden, handle.snapshot()))
