@@ -64,7 +64,11 @@ def _search_parser() -> argparse.ArgumentParser:
                    help="selection rule replacing the method's own: attention, fitprune, random, ficoco-l, dart "
                         "(in the LLM) or ficoco-v, freepruner (freePruner-style) (in the vision tower: the "
                         "schedule's first cut happens before the LLM); recorded in the recipe")
-    p.add_argument("--calib", default="demo", help="calibration data: 'demo', a .jsonl file or a dataset folder")
+    p.add_argument("--images", default="per-image", choices=["per-image", "pooled"],
+                   help="prompts with several images (or video frames): each image keeps its share of every "
+                        "layer's count (per-image, default) or all compete for one pool (pooled); recorded")
+    p.add_argument("--calib", default="demo", help="calibration data: 'demo', a .jsonl file (\"image\": a path "
+                                                   "or a list of paths) or a dataset folder")
     p.add_argument("--num-samples", type=int, default=64, help="calibration samples (default: 64)")
     p.add_argument("--formula", default="full", choices=["full", "visual"],
                    help="FLOPs formula a percentage budget is measured with (default: full)")
@@ -293,7 +297,7 @@ def _run_search(argv: Sequence[str]) -> int:
             start_layer=args.start_layer, metric=args.metric, tolerance=args.tolerance, optimizer=args.optimizer,
             n_trials=args.n_trials, n_startup=args.n_startup, seed=args.seed, storage=args.storage,
             resume=args.resume, n_workers=args.n_workers, warm_start=warm_start, work_dir=out,
-            batch_size=args.batch_size, progress=bar.update,
+            batch_size=args.batch_size, images=args.images, progress=bar.update,
         )
         outcome = search_recipes(loaded, calib, budgets, method=args.method, options=options, search_set=search_set,
                                  model_source=session.source, cache_dir=Path(args.cache_dir) if args.cache_dir else None,

@@ -52,6 +52,7 @@ class SearchOptions:
     warm_start: dict[str, float] | None = None
     work_dir: Path = Path(".")
     batch_size: int = 16
+    images: str = "per-image"           # how several images in one prompt share the schedule
     progress: Callable[[int, dict[str, Any]], None] | None = field(default=None, compare=False)
 
 
@@ -71,15 +72,16 @@ def study_name(loaded: LoadedModel, search_set: SampleSet, budget: Budget, optio
     return f"psigmoid-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def _scorer(loaded: LoadedModel, search_set: SampleSet, options: SearchOptions) -> ScheduleScorer:
+def _scorer(loaded: LoadedModel, search_set: SampleSet, options: SearchOptions, costs: CostModel) -> ScheduleScorer:
     return ScheduleScorer(loaded, search_set, make_rule(gsearch.RULE, gsearch.RULE_PARAMS), gsearch.SCORE_LAYER,
-                          metric=options.metric, batch_size=options.batch_size)
+                          metric=options.metric, batch_size=options.batch_size, images=options.images,
+                          visual_tokens=costs.visual_tokens)
 
 
 def _psigmoid_run(loaded: LoadedModel, search_set: SampleSet, budget: Budget, costs: CostModel,
                   options: SearchOptions, start: int, worker: str, scorer: ScheduleScorer | None = None,
                   resume: bool | None = None) -> psigmoid.PSigmoidRun:
-    scorer = scorer or _scorer(loaded, search_set, options)
+    scorer = scorer or _scorer(loaded, search_set, options, costs)
     name = study_name(loaded, search_set, budget, options, start)
     backend = make_backend(
         options.optimizer, psigmoid.search_space(len(scorer.layers), start),
@@ -170,7 +172,7 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
                               description=f"{len(data)} samples from {data.source}, unpruned model, batch {batch_size}")
     start = DEFAULT_START_LAYER[method] if options.start_layer is None else options.start_layer
     searched = search_set or data
-    scorer = _scorer(loaded, searched, options) if method in OUTPUT_SEARCHES else None
+    scorer = _scorer(loaded, searched, options, costs) if method in OUTPUT_SEARCHES else None
     results: list[tuple[Budget | None, SearchResult]] = []
     if method == "gsearch":
         assert scorer is not None
@@ -199,7 +201,7 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
     for _, result in results:
         if result.method in OUTPUT_SEARCHES:
             result.result["kendall_tau"] = stats.kendall_tau.round(3).tolist()
-    recipes = [make_recipe(r, b, costs, identity, calib) for b, r in results]
+    recipes = [make_recipe(r, b, costs, identity, calib, images=options.images) for b, r in results]
     if selector is not None:
         recipes = [apply_selector(r, loaded.adapter, costs, selector) for r in recipes]
     return SearchOutcome(stats, cached, costs, recipes, [r for _, r in results])

@@ -1,8 +1,11 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from recipe_search.calibration import DataError, SampleSet, calibrate, collect_stats, demo_samples, load_samples
+from recipe_search.calibration.collect import resample_tokens
 from recipe_search.stats import CalibrationStats, kendall_tau_layers
 
 
@@ -117,3 +120,28 @@ def test_jsonl_samples_round_trip(tmp_path):
     (tmp_path / "c.jsonl").write_text("\n".join(lines))
     data = load_samples(str(tmp_path / "c.jsonl"), 10)
     assert len(data) == 2 and data.has_answers and data.content_hash() == SampleSet(demo.samples, "x").content_hash()
+
+
+def test_resampling_keeps_mass_order_and_identity():
+    rng = np.random.default_rng(1)
+    values = rng.random((3, 288))
+    half = resample_tokens(values, 144)
+    np.testing.assert_allclose(half.sum(-1), values.sum(-1), rtol=1e-12)
+    np.testing.assert_allclose(half, values[:, 0::2] + values[:, 1::2], rtol=1e-12)  # token i covers 2i, 2i+1
+    assert resample_tokens(values, 288) is values
+
+
+def test_mixed_visual_token_counts_are_normalised_per_sample(random_demo):
+    """One- and two-image prompts in one batch: each sample's statistics equal its own run alone,
+    resampled to one image's 144 tokens, and the counts seen are recorded."""
+    model, processor, adapter = random_demo
+    base = demo_samples("calib", 5).samples
+    mixed = SampleSet(tuple([base[0], replace(base[1], image=(base[1].image, base[2].image)), base[3],
+                             replace(base[4], image=(base[4].image, base[0].image))]), "mixed")
+    stats = collect_stats(model, processor, adapter, mixed, batch_size=4, progress=False)
+    assert stats.cross.shape == (4, adapter.dims().num_layers, 144)
+    assert stats.meta["visual_token_counts"] == {"144": 2, "288": 2}
+    for i, sample in enumerate(mixed.samples):
+        alone = collect_stats(model, processor, adapter, SampleSet((sample,), "one"), progress=False)
+        for name in ("cross", "selfv", "last"):
+            np.testing.assert_allclose(getattr(stats, name)[i], getattr(alone, name)[0], atol=1e-5)

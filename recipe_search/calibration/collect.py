@@ -5,7 +5,8 @@ the last prompt token), with the same `ScoreContext` code the runtime selection 
 calibration and inference score tokens identically. SDPA stays on; no attention map is stored.
 
 Samples may give different numbers of visual tokens (other image sizes, several images): each
-sample's per-token statistics are then resampled to the most common count, preserving every
+sample's per-token statistics are then resampled to the tokens of one image (the model's fixed
+count per image, else the most common count), preserving every
 layer's attention mass and the tokens' order (token i of N covers the share [i/N, (i+1)/N) of the
 sample's own tokens), so the statistics are normalised per sample.
 """
@@ -103,7 +104,8 @@ def collect_stats(model: Any, processor: Any, adapter: ModelAdapter, data: Sampl
             bar.update(len(chunk))
         bar.close()
     sizes = Counter(s["cross"].shape[-1] for s in samples)
-    reference = max(sizes, key=lambda n: (sizes[n], n))
+    # a recipe's counts are for one image: the model's fixed per-image count, else the commonest count
+    reference = adapter.visual_tokens_per_image() or max(sizes, key=lambda n: (sizes[n], -n))
     arrays = {k: np.stack([resample_tokens(s[k], reference) for s in samples]).astype(np.float32)
               for k in STATISTICS}
     tau = np.mean([kendall_tau_layers(s["last"]) for s in samples], axis=0)

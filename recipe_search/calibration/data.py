@@ -17,10 +17,16 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    image: Image.Image
+    """One prompt with its image, or with several images (a tuple) for multi-image prompts."""
+
+    image: Image.Image | tuple[Image.Image, ...]
     prompt: str
     answer: str | None = None
     qtype: str | None = None
+
+    @property
+    def images(self) -> tuple[Image.Image, ...]:
+        return self.image if isinstance(self.image, tuple) else (self.image,)
 
 
 @dataclass(frozen=True)
@@ -39,9 +45,10 @@ class SampleSet:
         """Hash of every pixel, prompt and answer, so a cache never serves stats of other data."""
         digest = hashlib.sha256()
         for s in self.samples:
-            pixels = np.asarray(s.image.convert("RGB"))
-            digest.update(str(pixels.shape).encode())
-            digest.update(pixels.tobytes())
+            for image in s.images:
+                pixels = np.asarray(image.convert("RGB"))
+                digest.update(str(pixels.shape).encode())
+                digest.update(pixels.tobytes())
             digest.update(json.dumps([s.prompt, s.answer]).encode())
         return digest.hexdigest()[:16]
 
@@ -66,12 +73,18 @@ def _jsonl_samples(path: Path, n: int) -> list[Sample]:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
             if not isinstance(row, dict) or "image" not in row or "prompt" not in row:
                 raise DataError(f"{path}:{lineno}: each line needs 'image' and 'prompt' fields")
-            image_path = (path.parent / str(row["image"])).resolve()
-            try:
-                image = Image.open(image_path).convert("RGB")
-            except (OSError, ValueError) as exc:
-                raise DataError(f"{path}:{lineno}: cannot open image {image_path} ({exc})") from None
+            names = row["image"] if isinstance(row["image"], list) else [row["image"]]
+            if not names:
+                raise DataError(f"{path}:{lineno}: 'image' is an empty list")
+            images = []
+            for name in names:
+                image_path = (path.parent / str(name)).resolve()
+                try:
+                    images.append(Image.open(image_path).convert("RGB"))
+                except (OSError, ValueError) as exc:
+                    raise DataError(f"{path}:{lineno}: cannot open image {image_path} ({exc})") from None
             answer = row.get("answer")
+            image = images[0] if len(images) == 1 else tuple(images)
             samples.append(Sample(image, str(row["prompt"]), None if answer is None else str(answer)))
             if len(samples) == n:
                 break
@@ -100,7 +113,8 @@ def _hf_dataset_samples(path: Path, n: int) -> list[Sample]:
 
 
 def load_samples(spec: str, n: int, split: str = "calib", seed: int = 0) -> SampleSet:
-    """`demo` (the embedded world's `split`), a `.jsonl` of {image, prompt[, answer]}, or a dataset folder."""
+    """`demo` (the embedded world's `split`), a `.jsonl` of {image, prompt[, answer]} (`image`: a path
+    relative to the file, or a list of them for a multi-image prompt), or a dataset folder."""
     if n <= 0:
         raise DataError(f"number of samples must be positive, got {n}")
     if spec == "demo":

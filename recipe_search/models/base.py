@@ -219,17 +219,20 @@ class ModelAdapter(ABC):
 
     def write_layer_call(self, args: tuple, kwargs: dict, call: LayerCall) -> tuple[tuple, dict]:
         """`args, kwargs` with the fields of `call` put back where the layer reads them."""
-        kwargs = dict(kwargs)
+        args, kwargs = self.with_hidden(args, dict(kwargs), call.hidden)
         if call.rope is not None:
             kwargs["position_embeddings"] = call.rope
         if call.position_ids is not None:
             kwargs["position_ids"] = call.position_ids
         if "attention_mask" in kwargs or call.mask is not None:
             kwargs["attention_mask"] = call.mask
-        if args:
-            return (call.hidden, *args[1:]), kwargs
-        kwargs["hidden_states"] = call.hidden
         return args, kwargs
+
+    def with_hidden(self, args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+        """`args, kwargs` of a layer call with its input hidden states replaced."""
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
 
     def layer_window(self, idx: int) -> int | None:
         """Sliding-window size of decoder layer `idx` (None: full attention)."""
@@ -309,6 +312,10 @@ class ModelAdapter(ABC):
 
     def projector(self) -> nn.Module:
         raise self._no_vision_stage()
+
+    def vision_hidden(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The input hidden states of a vision encoder layer call."""
+        return args[0] if args else kwargs["hidden_states"]
 
     def vision_query_key(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Queries and keys (B, H, n, dh) of a vision encoder layer, and its scale."""

@@ -66,13 +66,14 @@ def with_vision_costs(record: BudgetRecord, counts: Sequence[int], costs: CostMo
 
 
 def make_recipe(result: SearchResult, budget: Budget | None, costs: CostModel, identity: ModelIdentity,
-                calibration: CalibrationRecord) -> Recipe:
+                calibration: CalibrationRecord, images: str = "per-image") -> Recipe:
     n = costs.visual_tokens
     return Recipe(
         model=identity,
         budget=budget_record(budget, result.counts, costs),
         schedule=Schedule(visual_tokens=n, counts=list(result.counts), fractions=[c / n for c in result.counts]),
-        selection=Selection(rule=result.rule, params=dict(result.rule_params), score_layer=result.score_layer),
+        selection=Selection(rule=result.rule, params=dict(result.rule_params), score_layer=result.score_layer,
+                            images=images),
         method=MethodRecord(name=result.method, params=dict(result.params),
                             result={**result.result, "search_seconds": round(result.seconds, 4)}),
         calibration=calibration,

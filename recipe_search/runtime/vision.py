@@ -136,12 +136,12 @@ class VisionStage:
 
     def _record(self, idx: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self._inputs[idx] = args[0] if args else kwargs["hidden_states"]
+            self._inputs[idx] = self.adapter.vision_hidden(args, kwargs)
 
         return hook
 
     def _select(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = self.adapter.vision_hidden(args, kwargs)
         k = self.keep_for(self.layout.patches)
         if k >= self.layout.patches:
             self._kept = None
@@ -157,9 +157,7 @@ class VisionStage:
             kept = patches.gather(1, choice.keep[..., None].expand(-1, -1, hidden.shape[-1]))
         hidden = torch.cat([hidden[:, :off], kept], dim=1)
         self._kept = choice.keep
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+        return self.adapter.with_hidden(args, kwargs, hidden)
 
 
 class _Scatter(ModelHook):

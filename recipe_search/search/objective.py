@@ -43,7 +43,7 @@ class _Batch:
     input_ids: torch.Tensor
     attn2d: torch.Tensor | None
     hidden0: torch.Tensor            # embeddings entering decoder layer 0 (vision already merged)
-    layer_calls: list[tuple[tuple, dict]]  # what the model loop passes each layer besides its input, full length
+    layer_calls: list[tuple[tuple, dict]]  # each layer's call in the reference pass, full length
     ref_logp: torch.Tensor           # (B, V) unpruned next-token log-probabilities
     answers: list[str | None]
 
@@ -52,12 +52,14 @@ class ScheduleScorer:
     """Evaluates pruning schedules on a fixed search set with one selection rule."""
 
     def __init__(self, loaded: Any, data: SampleSet, rule: SelectionRule, score_layer: str = "previous", *,
-                 metric: str = "agreement", batch_size: int = 16, cache_mb: float = 512.0) -> None:
+                 metric: str = "agreement", batch_size: int = 16, cache_mb: float = 512.0,
+                 images: str = "per-image", visual_tokens: int | None = None) -> None:
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
         if metric == "accuracy" and not data.has_answers:
             raise ValueError(f"--metric accuracy needs an answer for every sample of {data.source}")
         self.loaded, self.rule, self.score_layer, self.metric = loaded, rule, score_layer, metric
+        self.images = images
         self.layers = list(loaded.adapter.decoder_layers())
         self.cache_bytes = int(cache_mb * 2**20)
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, PrefillSnapshot]] = OrderedDict()
@@ -65,7 +67,8 @@ class ScheduleScorer:
         self.evaluations = 0
         self.layers_run = 0
         self.batches = [self._reference(chunk) for chunk in batches(data.samples, batch_size)]
-        self.visual_tokens = int(loaded.adapter.visual_mask(self.batches[0].input_ids[:1]).sum())
+        # the N that schedules are written for: the calibration statistics' (one image), else the first prompt's
+        self.visual_tokens = visual_tokens or int(loaded.adapter.visual_mask(self.batches[0].input_ids[:1]).sum())
 
     @torch.no_grad()
     def _reference(self, chunk: Any) -> _Batch:
@@ -78,9 +81,7 @@ class ScheduleScorer:
             logits = lm.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
         # the reference forward ran with use_cache=False: no cache is kept alive in these calls
         hidden0 = lm.adapter.read_layer_call(*calls[0]).hidden
-        layer_calls = [(args[1:], kwargs) if args else ((), {k: v for k, v in kwargs.items() if k != "hidden_states"})
-                       for args, kwargs in calls]
-        return _Batch(inputs["input_ids"], inputs.get("attention_mask"), hidden0, layer_calls,
+        return _Batch(inputs["input_ids"], inputs.get("attention_mask"), hidden0, calls,
                       torch.log_softmax(logits.float(), -1), [s.answer for s in chunk])
 
     def _store(self, key: tuple, value: tuple[torch.Tensor, PrefillSnapshot]) -> None:
@@ -96,7 +97,7 @@ class ScheduleScorer:
     @torch.no_grad()
     def _logits(self, index: int, batch: _Batch, counts: tuple[int, ...]) -> torch.Tensor:
         adapter = self.loaded.adapter
-        plan = PruningPlan(counts, self.visual_tokens, self.rule, self.score_layer)
+        plan = PruningPlan(counts, self.visual_tokens, self.rule, self.score_layer, images=self.images)
         handle = PruningHandle(self.loaded.model, plan, adapter, score_ahead=True)
         try:
             handle.begin_prefill(batch.input_ids, batch.attn2d)
@@ -110,8 +111,8 @@ class ScheduleScorer:
                     start = depth
                     break
             for idx in range(start, len(self.layers)):
-                rest, kwargs = batch.layer_calls[idx]
-                hidden = self.layers[idx](hidden, *rest, **kwargs)
+                args, kwargs = adapter.with_hidden(*batch.layer_calls[idx], hidden)
+                hidden = self.layers[idx](*args, **kwargs)
                 self.layers_run += 1
                 if idx + 1 < len(self.layers):
                     self._store((index, counts[: idx + 1]), (hidden, handle.snapshot()))
