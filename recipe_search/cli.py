@@ -123,6 +123,30 @@ def _budget_slug(text: str) -> str:
     return re.sub(r"[^0-9a-zA-Z.]+", "", text.replace("%", "pct")) or "budget"
 
 
+def _check_start_layer(value: int | None) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"--start-layer must be 0 or more, got {value}")
+
+
+def check_writable(folder: str | Path, plot: str | Path | None = None) -> None:
+    """Fail in one line, before any work, when results could not be written to `folder` or `plot`."""
+    targets = [("--out", Path(folder))]
+    if plot is not None:
+        targets.append(("--plot", Path(plot).parent if str(Path(plot).parent) else Path(".")))
+        if Path(plot).is_dir():
+            raise ValueError(f"--plot {plot}: is a folder; give a .png file path")
+    for flag, path in targets:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {path}: exists and is not a folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".search-recipe-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ValueError(f"{flag} {path}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value <= 0:
@@ -264,9 +288,11 @@ def _run_search(argv: Sequence[str]) -> int:
                              "use --method psigmoid for a budget")
         budgets = []
     else:  # validate before any heavy import or loading
-        budgets = parse_budgets(args.budget or "50%", args.formula)
+        budgets = parse_budgets("50%" if args.budget is None else args.budget, args.formula)
     _check_positive(num_samples=args.num_samples, eval_samples=args.eval_samples, batch_size=args.batch_size,
                     n_trials=args.n_trials, n_workers=args.n_workers)
+    _check_start_layer(args.start_layer)
+    check_writable(args.out, args.plot)
     if not 0 <= args.tolerance < 1:
         raise ValueError(f"--tolerance must be in [0, 1), got {args.tolerance}")
     if args.selector is not None:
@@ -316,7 +342,7 @@ def _run_search(argv: Sequence[str]) -> int:
                                               f"P-Sigmoid {recipe.budget.asked}: {args.optimizer}, {args.metric}"))
     session.header()
     print(f"calibration: {len(calib)} samples from {calib.source} "
-          f"({'statistics from cache' if outcome.stats_cached else 'statistics computed and cached'})")
+          f"({_cache_note(outcome.stats_cached)})")
     if args.method in ("gsearch", "psigmoid"):
         _print_tau(outcome.stats.kendall_tau)
     for recipe, path in zip(outcome.recipes, paths):
@@ -325,6 +351,12 @@ def _run_search(argv: Sequence[str]) -> int:
     for path in history_paths:
         print(f"optimisation history: {path}")
     return 0
+
+
+def _cache_note(outcome: Any) -> str:
+    if outcome:
+        return "statistics from cache"
+    return f"statistics computed; {outcome.note}" if outcome.note else "statistics computed and cached"
 
 
 def _print_tau(tau: Any) -> None:
@@ -375,11 +407,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("search-recipe: interrupted; no recipe written (cached statistics, if any, are complete)",
               file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:
         if os.environ.get("RECIPE_SEARCH_DEBUG"):
             raise
-        print(f"search-recipe: error: {exc}", file=sys.stderr)
+        print(f"search-recipe: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """A message fit for one terminal line: control characters escaped, long text cut."""
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text.strip())
+    return escaped if len(escaped) <= limit else escaped[: limit - 1] + "…"
 
 
 if __name__ == "__main__":

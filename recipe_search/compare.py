@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_compare(argv: Sequence[str]) -> int:
     from .budget import parse_budgets
-    from .cli import _check_positive, _Session
+    from .cli import _check_positive, _check_start_layer, _Session, check_writable
     from .runtime.selection import make_rule
 
     args = _parser().parse_args(argv)
@@ -169,6 +169,8 @@ def run_compare(argv: Sequence[str]) -> int:
     for name in selectors:
         make_rule(name)
     _check_positive(num_samples=args.num_samples, eval_samples=args.eval_samples, batch_size=args.batch_size)
+    _check_start_layer(args.start_layer)
+    check_writable(args.out, args.plot)
 
     from .calibration import load_samples
     from .pipeline import SearchOptions, search_recipes

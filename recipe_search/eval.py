@@ -36,7 +36,7 @@ def greedy_answers(model: Any, processor: Any, adapter: ModelAdapter, data: Samp
     with _context(model, plan, adapter):
         bar = tqdm(total=len(data), desc=desc, unit="q", disable=not progress)
         for chunk in batches(data.samples, batch_size):
-            inputs = adapter.build_inputs(processor, [s.image for s in chunk], [s.prompt for s in chunk])
+            inputs = adapter.inputs(processor, [s.image for s in chunk], [s.prompt for s in chunk])
             logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
             answers += [processor.tokenizer.decode([int(t)]).strip() for t in logits.argmax(-1)]
             bar.update(len(chunk))
@@ -63,7 +63,7 @@ def agreement(answers: list[str], reference: list[str]) -> float:
 def prefill_seconds(model: Any, processor: Any, adapter: ModelAdapter, data: SampleSet,
                     plan: PruningPlan | None = None, repeats: int = 5) -> float:
     """Best-of-`repeats` wall time of one prefill forward over all of `data` as a single batch."""
-    inputs = adapter.build_inputs(processor, [s.image for s in data.samples], [s.prompt for s in data.samples])
+    inputs = adapter.inputs(processor, [s.image for s in data.samples], [s.prompt for s in data.samples])
     best = float("inf")
     with _context(model, plan, adapter):
         model(**inputs, use_cache=False, logits_to_keep=1)  # warm-up

@@ -92,7 +92,7 @@ def collect_stats(model: Any, processor: Any, adapter: ModelAdapter, data: Sampl
         recorder = _StatsRecorder(adapter, hooks)
         bar = tqdm(total=len(data), desc="calibration", unit="sample", disable=not progress)
         for chunk in batches(data.samples, batch_size):
-            inputs = adapter.build_inputs(processor, [s.image for s in chunk], [s.prompt for s in chunk])
+            inputs = adapter.inputs(processor, [s.image for s in chunk], [s.prompt for s in chunk])
             visual = adapter.visual_mask(inputs["input_ids"])
             if bool((visual.sum(dim=1) == 0).any()):
                 raise DataError("a calibration prompt has no image token after processing; check the chat template")

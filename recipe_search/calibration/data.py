@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -61,6 +62,29 @@ def demo_samples(split: str, n: int, seed: int = 0) -> SampleSet:
     return SampleSet(samples, f"demo:{split}")
 
 
+#: More samples than any calibration or evaluation needs; the bound keeps memory bounded too.
+MAX_SAMPLES = 100_000
+
+
+def open_image(path: Path) -> Image.Image:
+    """An RGB image, or a DataError: unreadable files and decompression bombs (a header claiming
+    more pixels than PIL's limit) are refused before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"image {path} is too large to decode safely ({_first_line(exc)})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot open image {path} ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
 def _jsonl_samples(path: Path, n: int) -> list[Sample]:
     samples: list[Sample] = []
     with path.open(encoding="utf-8") as handle:
@@ -80,9 +104,9 @@ def _jsonl_samples(path: Path, n: int) -> list[Sample]:
             for name in names:
                 image_path = (path.parent / str(name)).resolve()
                 try:
-                    images.append(Image.open(image_path).convert("RGB"))
-                except (OSError, ValueError) as exc:
-                    raise DataError(f"{path}:{lineno}: cannot open image {image_path} ({exc})") from None
+                    images.append(open_image(image_path))
+                except DataError as exc:
+                    raise DataError(f"{path}:{lineno}: {exc}") from None
             answer = row.get("answer")
             image = images[0] if len(images) == 1 else tuple(images)
             samples.append(Sample(image, str(row["prompt"]), None if answer is None else str(answer)))
@@ -106,10 +130,15 @@ def _hf_dataset_samples(path: Path, n: int) -> list[Sample]:
     if missing:
         raise DataError(f"{path}: dataset lacks column(s) {', '.join(sorted(missing))}")
     rows = ds.select(range(min(n, len(ds))))
-    return [
-        Sample(r["image"].convert("RGB"), str(r["prompt"]), None if r.get("answer") is None else str(r["answer"]))
-        for r in rows
-    ]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return [Sample(r["image"].convert("RGB"), str(r["prompt"]),
+                           None if r.get("answer") is None else str(r["answer"])) for r in rows]
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{path}: an image is too large to decode safely ({_first_line(exc)})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: cannot decode an image ({_first_line(exc)})") from None
 
 
 def load_samples(spec: str, n: int, split: str = "calib", seed: int = 0) -> SampleSet:
@@ -117,6 +146,8 @@ def load_samples(spec: str, n: int, split: str = "calib", seed: int = 0) -> Samp
     relative to the file, or a list of them for a multi-image prompt), or a dataset folder."""
     if n <= 0:
         raise DataError(f"number of samples must be positive, got {n}")
+    if n > MAX_SAMPLES:
+        raise DataError(f"number of samples {n} is more than {MAX_SAMPLES:,}; calibration needs a few hundred")
     if spec == "demo":
         return demo_samples(split, n, seed)
     path = Path(spec)

@@ -322,6 +322,21 @@ class ModelAdapter(ABC):
         raise self._no_vision_stage()
 
     # -- inputs --------------------------------------------------------------------------------
+    def context_length(self) -> int | None:
+        """Longest sequence the language model was built for (None when the config does not say)."""
+        value = getattr(self.text_config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    def inputs(self, processor: Any, images: Sequence[Any], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """`build_inputs`, refused in one line when a prompt is longer than the model's context
+        (a long prompt would otherwise run for minutes and answer from positions never trained)."""
+        batch = self.build_inputs(processor, images, prompts)
+        limit, length = self.context_length(), int(batch["input_ids"].shape[1])
+        if limit is not None and length > limit:
+            raise ValueError(f"a prompt is {length} tokens with its images, longer than the model's context of "
+                             f"{limit} tokens; shorten it")
+        return batch
+
     @classmethod
     def load_processor(cls, source: str) -> Any:
         """The checkpoint's processor, built without torchvision where the family allows it."""

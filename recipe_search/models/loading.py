@@ -17,7 +17,7 @@ class ModelLoadError(RuntimeError):
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def load_model(name_or_path: str | Path, attn_implementation: str = "sdpa",
@@ -36,7 +36,11 @@ def load_model(name_or_path: str | Path, attn_implementation: str = "sdpa",
     except UnsupportedModelError as exc:
         raise ModelLoadError(str(exc)) from None
     cls = getattr(transformers, family.model_class)
-    model = cls.from_pretrained(source, local_files_only=True, attn_implementation=attn_implementation, dtype=dtype)
+    try:
+        model = cls.from_pretrained(source, local_files_only=True, attn_implementation=attn_implementation,
+                                    dtype=dtype)
+    except Exception as exc:  # noqa: BLE001  (missing, truncated or foreign weight files raise many types)
+        raise ModelLoadError(f"model {source!r}: cannot load its weights ({_first_line(exc)})") from None
     model.eval()
     try:
         processor = family.load_processor(source)

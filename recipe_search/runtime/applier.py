@@ -35,6 +35,8 @@ from .selection import Choice, ScoreContext, ScoringRule
 from .vision import VisionStage
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+#: model -> its live handle: two plans on one model would prune twice.
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
 
 
 class PruningError(RuntimeError):
@@ -85,7 +87,11 @@ class PruningHandle:
 
     def __init__(self, model: nn.Module, plan: PruningPlan, adapter: ModelAdapter | None = None,
                  score_ahead: bool = False) -> None:
+        if model in _ATTACHED:
+            raise PruningError("a pruning plan is already applied to this model; remove() it (or leave its "
+                               "`with` block) before applying another")
         self.model = model
+        self.removed = False
         #: With a "previous"-layer rule, score at every layer even when the next one keeps all, so a
         #: snapshot between any two layers can resume under another schedule (used by searches).
         self.score_ahead = score_ahead
@@ -111,25 +117,35 @@ class PruningHandle:
         self._vision: VisionStage | None = None
         self._cache_arg = cache_argument(model)
         self.hooks = HookSet()
-        self.hooks.add(model, CallHook(self._top_hook))
-        for idx, layer in enumerate(layers):
-            self.hooks.add(layer, CallHook(self._layer_hook(idx)))
-        for module, hook in self.adapter.prefill_hooks(self._live):
-            self.hooks.add(module, hook)
-        if plan.vision is not None:
-            try:
+        _ATTACHED[model] = self
+        try:
+            self.hooks.add(model, CallHook(self._top_hook))
+            for idx, layer in enumerate(layers):
+                self.hooks.add(layer, CallHook(self._layer_hook(idx)))
+            for module, hook in self.adapter.prefill_hooks(self._live):
+                self.hooks.add(module, hook)
+            if plan.vision is not None:
                 self._vision = VisionStage(self.adapter, plan.vision, plan.vision_layer,
                                            lambda n: plan.counts_for(n)[0], self.hooks)
-            except ValueError:
-                self.remove()
-                raise
+        except BaseException:
+            self.remove()  # nothing half-attached stays behind
+            raise
 
     # -- lifecycle -------------------------------------------------------------------------------
     def remove(self) -> None:
+        """Detach every hook; the model is exactly as before. Removing twice is harmless."""
         self.hooks.remove()
         self._state = None
+        self.removed = True
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
+
+    def _check_live(self) -> None:
+        if self.removed:
+            raise PruningError("this pruning handle was removed; apply the plan again to prune")
 
     def __enter__(self) -> "PruningHandle":
+        self._check_live()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -180,6 +196,7 @@ class PruningHandle:
 
     def begin_prefill(self, input_ids: torch.Tensor, attn2d: torch.Tensor | None) -> _Forward:
         """Set up the state for a prefill of `input_ids`; the layer hooks then prune as they run."""
+        self._check_live()
         if attn2d is not None and attn2d.ndim != 2:
             raise PruningError("the pruning runtime needs a 2-D attention mask (or none)")
         length = input_ids.shape[1]
@@ -205,6 +222,7 @@ class PruningHandle:
 
     def snapshot(self) -> PrefillSnapshot:
         """The prefill state after the layers run so far, to resume a schedule that shares them."""
+        self._check_live()
         state = self._state
         assert state is not None and state.cols is not None and state.visual is not None and state.unit is not None
         return PrefillSnapshot(state.cols, state.visual, state.unit, state.layout, tuple(state.counts),

@@ -73,7 +73,7 @@ class ScheduleScorer:
     @torch.no_grad()
     def _reference(self, chunk: Any) -> _Batch:
         lm = self.loaded
-        inputs = lm.adapter.build_inputs(lm.processor, [s.image for s in chunk], [s.prompt for s in chunk])
+        inputs = lm.adapter.inputs(lm.processor, [s.image for s in chunk], [s.prompt for s in chunk])
         calls: list[tuple[tuple, dict]] = []
         with HookSet() as hooks:
             for layer in self.layers:

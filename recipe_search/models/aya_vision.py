@@ -1,0 +1,70 @@
+"""Aya Vision (AyaVisionForConditionalGeneration): SigLIP tower with a pixel-shuffle projector and a
+Cohere 2 decoder.
+
+Cohere 2 differs from Llama-style decoders in ways the score math must follow: one LayerNorm feeds
+attention and MLP in parallel (the attention input is still `input_layernorm(hidden)`), RoPE is in
+the interleaved layout (the attention module's own `apply_rotary_pos_emb`, taken by the default),
+sliding-window layers alternate with full-attention layers, and the full-attention layers use no
+position embedding at all (NoPE) although the decoder passes them the same (cos, sin).
+
+The processor tiles an image into crops of the tower's size plus a global thumbnail; each crop
+gives a fixed number of `<|IMG_PATCH|>` tokens after a `TILE_k` / `TILE_GLOBAL` marker. Only the
+patch tokens are prunable; the markers and `<|START_OF_IMG|>` / `<|END_OF_IMG|>` stay as text. The
+model config does not record the marker ids, so the selection unit is one crop (every crop has the
+same token count, reported as `visual_tokens_per_image`); a `pooled` plan pools a prompt's crops.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .base import ModelAdapter, chat_prompt, register_family
+
+
+@register_family
+class AyaVisionAdapter(ModelAdapter):
+    family = "aya_vision"
+    model_types = ("aya_vision",)
+    model_class = "AyaVisionForConditionalGeneration"
+    modalities = "image, multi-image"
+
+    def visual_tokens_per_image(self) -> int:
+        """Tokens of one crop (tile or thumbnail): the tower's patch grid after pixel shuffle."""
+        vc = self.config.vision_config
+        side = int(vc.image_size) // int(vc.patch_size) // int(self.config.downsample_factor)
+        return side * side
+
+    def query_key(self, layer: nn.Module, hidden: torch.Tensor,
+                  rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As the default, but full-attention layers rotate nothing: Cohere 2 applies RoPE only in
+        its sliding-window layers (`self_attn.sliding_window` set)."""
+        if getattr(layer.self_attn, "sliding_window", None) is None:
+            rope = None
+        return super().query_key(layer, hidden, rope)
+
+    @classmethod
+    def load_processor(cls, source: str) -> Any:
+        """AyaVisionProcessor with the PIL GOT-OCR2 image processor (no torchvision)."""
+        from transformers import AutoTokenizer, AyaVisionProcessor, GotOcr2ImageProcessorPil
+
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        image_processor = GotOcr2ImageProcessorPil.from_pretrained(source, local_files_only=True)
+        processor_dict, _ = AyaVisionProcessor.get_processor_dict(source, local_files_only=True)
+        return AyaVisionProcessor.from_args_and_dict([image_processor, tokenizer], processor_dict)
+
+    def build_inputs(
+        self, processor: Any, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """As the default, but without a second BOS: the Aya Vision chat template writes `bos_token`
+        itself and the tokenizer would add another (transformers' own chat path skips it too)."""
+        processor.tokenizer.padding_side = "left"
+        per_prompt = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        texts = [chat_prompt(processor, p, len(ims)) for p, ims in zip(prompts, per_prompt)]
+        bos = processor.tokenizer.bos_token
+        templated_bos = bool(bos) and all(text.startswith(bos) for text in texts)
+        batch = processor(images=self.processor_images(per_prompt), text=texts, return_tensors="pt", padding=True,
+                          add_special_tokens=not templated_bos)
+        return dict(batch)
