@@ -91,7 +91,9 @@ def assert_cached_decode_equals_reforward(model, plan: PruningPlan, inputs: dict
     with PruningHandle(model, plan) as handle:
         out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
-        assert handle.last_counts == plan.counts_for(handle.last_counts[0]) or handle.last_counts == list(plan.counts)
+        targets = handle._state.targets  # (row, unit) -> counts: row 0's units add up to last_counts
+        expected = [sum(t[i] for (row, _), t in targets.items() if row == 0) for i in range(len(plan.counts))]
+        assert handle.last_counts == expected
         handle.prompt_len = prompt
         for t in range(steps):
             ref = model(**extend_inputs(inputs, out.sequences[:, : prompt + t]), use_cache=False).logits[:, -1]

@@ -118,18 +118,27 @@ def test_drop_at_deepstack_layer_feeds_survivors_their_features(model, drop_laye
     assert diff <= 1e-5, f"drop at layer {drop_layer}: logits differ from the DeepStack reference by {diff}"
 
 
-def test_layers_run_outside_the_text_model_refuse_deepstack(models, tmp_path):
-    """The schedule scorer (gsearch, psigmoid) runs decoder layers one by one: no DeepStack there."""
+def test_schedule_scorer_replays_deepstack(models, tmp_path):
+    """The schedule scorer (gsearch, psigmoid) runs decoder layers one by one, outside the text model;
+    its pruned logits, fresh and from a reused prefix, equal a pruned forward of the whole model."""
     model = models["sdpa"]
     from PIL import Image
 
     calib = calibration_file(tmp_path)
     samples = tuple(Sample(Image.open(calib.parent / f"im{i}.png").convert("RGB"), "what shape is this ?")
                     for i in range(2))
-    loaded = LoadedModel(model, qwen_processor(FAMILY), get_adapter(model), "tiny")
-    scorer = ScheduleScorer(loaded, SampleSet(samples, "tiny"), make_rule("attention"), "previous")
-    with pytest.raises(RuntimeError, match="DeepStack"):
-        scorer.evaluate((16, 16, 8, 8))
+    processor = qwen_processor(FAMILY)
+    loaded = LoadedModel(model, processor, get_adapter(model), "tiny")
+    rule = make_rule("attention")
+    scorer = ScheduleScorer(loaded, SampleSet(samples, "tiny"), rule, "previous")
+    inputs = get_adapter(model).inputs(processor, [s.image for s in samples], [s.prompt for s in samples])
+    for counts in ((16, 16, 8, 8), (16, 16, 8, 3), (16, 5, 5, 5)):  # the second reuses the first's prefix
+        n = scorer.visual_tokens
+        plan = PruningPlan(tuple(round(c * n / 16) for c in counts), n, rule, "previous")
+        got = scorer._logits(0, scorer.batches[0], plan.counts)
+        with PruningHandle(model, plan), torch.no_grad():
+            want = model(**inputs).logits[:, -1]
+        assert (got - want).abs().max().item() <= 1e-5, counts
 
 
 def test_processor_without_torchvision(tmp_path):

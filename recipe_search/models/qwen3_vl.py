@@ -68,9 +68,9 @@ class _AddDeepstack(ModelHook):
         f = self.features
         tokens = self.live()
         if not f.inside and tokens is not None:
-            raise RuntimeError("Qwen3-VL adds DeepStack features inside its text model's forward; decoder layers "
-                               "run one by one under a pruning plan (as the schedule scorer of gsearch/psigmoid "
-                               "does) would skip them; use --method fitprune, fastv or uniform for this model")
+            raise RuntimeError("Qwen3-VL adds DeepStack features inside its text model's forward; code that runs "
+                               "decoder layers one by one under a pruning plan must replay the text model's call "
+                               "with PruningHandle.enter_decoder() first")
         if f.masks is None or f.index is None or self.idx >= len(f.embeds):
             return None
         hidden = output[0] if isinstance(output, tuple) else output

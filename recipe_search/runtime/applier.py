@@ -116,13 +116,15 @@ class PruningHandle:
         self._state: _Forward | None = None
         self._vision: VisionStage | None = None
         self._cache_arg = cache_argument(model)
+        self._prefill_hooks: list[tuple[nn.Module, ModelHook]] = []
         self.hooks = HookSet()
         _ATTACHED[model] = self
         try:
             self.hooks.add(model, CallHook(self._top_hook))
             for idx, layer in enumerate(layers):
                 self.hooks.add(layer, CallHook(self._layer_hook(idx)))
-            for module, hook in self.adapter.prefill_hooks(self._live):
+            self._prefill_hooks = self.adapter.prefill_hooks(self._live)
+            for module, hook in self._prefill_hooks:
                 self.hooks.add(module, hook)
             if plan.vision is not None:
                 self._vision = VisionStage(self.adapter, plan.vision, plan.vision_layer,
@@ -219,6 +221,21 @@ class PruningHandle:
         self._state = _Forward(attn2d=attn2d, visual0=visual, unit0=unit, targets=targets, prompt_end=prompt_end,
                                row_keys=row_keys, prefill_len=length, total_len=length)
         return self._state
+
+    def enter_decoder(self, args: tuple, kwargs: dict) -> None:
+        """Run the family's decoder-level prefill hooks on a recorded decoder call, for callers that
+        then run the decoder layers one by one (the schedule scorer) instead of the decoder itself."""
+        decoder = self.adapter.decoder()
+        for module, hook in self._prefill_hooks:
+            if module is decoder:
+                hook.pre_forward(decoder, args, kwargs)
+
+    def exit_decoder(self) -> None:
+        """Counterpart of `enter_decoder`, once the layers have run."""
+        decoder = self.adapter.decoder()
+        for module, hook in self._prefill_hooks:
+            if module is decoder:
+                hook.post_forward(decoder, (), {}, None)
 
     def snapshot(self) -> PrefillSnapshot:
         """The prefill state after the layers run so far, to resume a schedule that shares them."""

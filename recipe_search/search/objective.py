@@ -44,6 +44,7 @@ class _Batch:
     attn2d: torch.Tensor | None
     hidden0: torch.Tensor            # embeddings entering decoder layer 0 (vision already merged)
     layer_calls: list[tuple[tuple, dict]]  # each layer's call in the reference pass, full length
+    decoder_call: tuple[tuple, dict]       # the decoder's own call, for family hooks that act on it
     ref_logp: torch.Tensor           # (B, V) unpruned next-token log-probabilities
     answers: list[str | None]
 
@@ -75,13 +76,15 @@ class ScheduleScorer:
         lm = self.loaded
         inputs = lm.adapter.inputs(lm.processor, [s.image for s in chunk], [s.prompt for s in chunk])
         calls: list[tuple[tuple, dict]] = []
+        decoder_call: list[tuple[tuple, dict]] = []
         with HookSet() as hooks:
+            hooks.add(lm.adapter.decoder(), CallHook(lambda module, args, kwargs: decoder_call.append((args, kwargs))))
             for layer in self.layers:
                 hooks.add(layer, CallHook(lambda module, args, kwargs: calls.append((args, kwargs))))
             logits = lm.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
         # the reference forward ran with use_cache=False: no cache is kept alive in these calls
         hidden0 = lm.adapter.read_layer_call(*calls[0]).hidden
-        return _Batch(inputs["input_ids"], inputs.get("attention_mask"), hidden0, calls,
+        return _Batch(inputs["input_ids"], inputs.get("attention_mask"), hidden0, calls, decoder_call[0],
                       torch.log_softmax(logits.float(), -1), [s.answer for s in chunk])
 
     def _store(self, key: tuple, value: tuple[torch.Tensor, PrefillSnapshot]) -> None:
@@ -101,6 +104,7 @@ class ScheduleScorer:
         handle = PruningHandle(self.loaded.model, plan, adapter, score_ahead=True)
         try:
             handle.begin_prefill(batch.input_ids, batch.attn2d)
+            handle.enter_decoder(*batch.decoder_call)
             start, hidden = 0, batch.hidden0
             for depth in range(len(counts) - 1, 0, -1):
                 hit = self._cache.get((index, counts[:depth]))
@@ -118,6 +122,7 @@ class ScheduleScorer:
                     self._store((index, counts[: idx + 1]), (hidden, handle.snapshot()))
             return adapter.final_logits(hidden[:, -1:])[:, 0]
         finally:
+            handle.exit_decoder()
             handle.remove()
 
     def evaluate(self, counts: tuple[int, ...] | list[int]) -> Evaluation:
