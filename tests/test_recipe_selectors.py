@@ -69,9 +69,9 @@ def _edit(path, change):
 @pytest.mark.parametrize("change,message", [
     (lambda d: d["selection"].update(rule="nope"), "selection.rule: unknown selection rule 'nope'"),
     (lambda d: d["selection"].update(rule="freepruner"), "selection.rule: 'freepruner' runs in the vision tower"),
-    (lambda d: d["selection"].update(params={"heads": "median"}), "selection.params: fitprune rule: heads"),
+    (lambda d: d["selection"].update(params={"heads": "median"}), "selection.params.heads: fitprune rule: heads"),
     (lambda d: d["vision"].update(rule="dart"), "vision.rule: 'dart' runs in the LLM"),
-    (lambda d: d["vision"].update(params={"merge": "sum"}), "vision.params: ficoco-v rule: merge must be"),
+    (lambda d: d["vision"].update(params={"merge": "sum"}), "vision.params.merge: ficoco-v rule: merge must be"),
     (lambda d: d["vision"].update(encoder_layer="last"), "vision.encoder_layer: expected an integer"),
     (lambda d: d["vision"].pop("encoder_layer"), "vision.encoder_layer: missing field"),
     (lambda d: d.update(format_version=1), "vision: unknown field in format_version 1"),

@@ -147,3 +147,9 @@ def test_non_ranking_rules_cannot_score_at_previous_layer():
         PruningPlan((64, 64, 32, 32, 8, 8), 64, make_rule("dart"), "previous")
     with pytest.raises(ValueError, match="runs in the vision tower"):
         PruningPlan(COUNTS, 64, make_rule("ficoco-v"))
+
+
+@pytest.mark.parametrize("counts", [(64, 40, 20, 10, 0, 0), (0, 0, 0, 0, 0, 0)])
+def test_merging_rule_may_keep_no_token(llava_sdpa, counts):
+    """FiCoCo folds dropped tokens into kept ones; with none kept it simply drops them all."""
+    assert_cached_decode_equals_reforward(llava_sdpa, PruningPlan(counts, 64, make_rule("ficoco-l")))

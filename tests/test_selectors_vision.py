@@ -7,7 +7,7 @@ from recipe_search.models import get_adapter
 from recipe_search.runtime import PruningError, PruningHandle, PruningPlan, make_rule
 from recipe_search.runtime.ficoco import window_penalty
 from recipe_search.runtime.vision import VisionContext
-from tiny_models import llava_inputs, tiny_llava, tiny_qwen2_vl
+from tiny_models import llava_inputs, multi_image_inputs, tiny_llava, tiny_qwen2_vl
 
 COUNTS = (24, 24, 16, 16, 8, 8)
 RULES = {"ficoco-v": {}, "ficoco-v-additive": {"merge": "additive"}, "freepruner": {}}
@@ -134,3 +134,24 @@ def test_vision_stage_errors_are_one_line(llava_sdpa):
     with PruningHandle(llava_sdpa, _plan("freepruner")):
         with pytest.raises(PruningError, match="vision stage did not run"):
             llava_sdpa(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+@pytest.mark.parametrize("rule", ["ficoco-v", "freepruner"])
+def test_vision_stage_keeping_no_patch_drops_the_image(tower, rule):
+    """A tower cannot run on zero tokens: it keeps its sequence and layer 0 drops every placeholder."""
+    model = tiny_llava("sdpa", tower=tower)
+    assert_cached_decode_equals_reforward(model, PruningPlan((0,) * 6, 64, make_rule("fitprune"),
+                                                             vision=make_rule(rule)))
+
+
+@pytest.mark.parametrize("images", ["per-image", "pooled"])
+def test_vision_stage_with_several_images_per_prompt(llava_sdpa, images):
+    """The tower sees each image alone: every image keeps counts[0] patches whatever the policy."""
+    plan = PruningPlan((32, 32, 20, 20, 10, 10), 64, make_rule("fitprune"), vision=make_rule("freepruner"),
+                       images=images)
+    batch = multi_image_inputs([(2, [11, 12, 13]), (1, [14, 15])], seed=1)
+    assert_cached_decode_equals_reforward(llava_sdpa, plan, batch)
+    with PruningHandle(llava_sdpa, plan) as handle:
+        llava_sdpa(**batch)
+    assert handle.last_counts == [64, 64, 40, 40, 20, 20]

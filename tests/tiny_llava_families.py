@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from recipe_search import load_recipe
 from recipe_search.cli import main
+from tiny_models import left_pad  # noqa: F401  (re-exported for the LLaVA family tests)
 
 WINDOW = 16  # sliding window of the Mistral / Qwen2 backbones: shorter than every test prompt
 WORDS = ("\n", "what", "colour", "is", "the", "circle", "square", "how", "many", "shapes", "are", "there", "?",
@@ -66,17 +68,6 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>", extra_special_tokens={"image_token": "<image>",
                                                                             "video_token": "<video>"},
                                    padding_side="left", model_max_length=4096)
-
-
-def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask with every row left-padded (pad id 0) to the longest."""
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 def write_calibration(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> Path:

@@ -40,7 +40,7 @@ def tiny_llava(attn: str = "sdpa", seed: int = 0, layers: int = 6, tower: str = 
     return model
 
 
-def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask with every row padded on the left (pad id 0) to the longest."""
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -55,8 +55,17 @@ def llava_inputs(batch_prompts: list[list[int]], seed: int = 0, n_image: int = 6
     """Left-padded inputs: each prompt is [bos, *prefix, <image> x n, *suffix] given as text ids."""
     gen = torch.Generator().manual_seed(seed)
     rows = [[1, 7, 8] + [IMAGE_TOKEN] * n_image + p for p in batch_prompts]
-    ids, mask = _left_pad(rows)
+    ids, mask = left_pad(rows)
     pixels = torch.randn(len(rows), 3, 32, 32, generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def multi_image_inputs(rows: list[tuple[int, list[int]]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Left-padded LLaVA inputs with several images per prompt: a row (n, suffix) is
+    [bos, 7, 8] + n x (64 image tokens, 20) + suffix."""
+    gen = torch.Generator().manual_seed(seed)
+    ids, mask = left_pad([[1, 7, 8] + ([IMAGE_TOKEN] * 64 + [20]) * n + suffix for n, suffix in rows])
+    pixels = torch.randn(sum(n for n, _ in rows), 3, 32, 32, generator=gen)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
@@ -81,7 +90,7 @@ def qwen_inputs(batch_prompts: list[list[int]], grid: int = 8, seed: int = 0) ->
     gen = torch.Generator().manual_seed(seed)
     n_image = (grid // 2) ** 2
     rows = [[1, 9] + [IMAGE_TOKEN] * n_image + [10] + p for p in batch_prompts]
-    ids, mask = _left_pad(rows)
+    ids, mask = left_pad(rows)
     patches = torch.randn(len(rows) * grid * grid, 3 * 2 * 4 * 4, generator=gen)
     thw = torch.tensor([[1, grid, grid]] * len(rows))
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": patches, "image_grid_thw": thw,

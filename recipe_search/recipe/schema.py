@@ -5,7 +5,8 @@ that was hand-edited or truncated fails with one clear line instead of pruning w
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import reprlib
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 FORMAT = "recipe-search/recipe"
@@ -14,8 +15,38 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 
+#: Longest error message: whatever a file holds, its error stays one readable line.
+MAX_MESSAGE = 500
+#: Longest excerpt of a recipe value that an error message echoes.
+MAX_ECHO = 80
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` with every non-printable character escaped repr-style (newlines, ANSI escapes) and cut
+    to `limit` characters, so printing it can neither flood nor repaint a terminal."""
+    text = text[:limit * 4]  # bound the work on a huge message before escaping
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return safe if len(safe) <= limit else safe[:limit - 3] + "..."
+
+
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel, _ECHO.maxdict, _ECHO.maxlist = 2, 4, 6
+_ECHO.maxstring = _ECHO.maxlong = _ECHO.maxother = MAX_ECHO
+
+
+def echo(value: Any) -> str:
+    """A recipe value as error messages quote it: repr-style, escaped, at most MAX_ECHO characters."""
+    return one_line(_ECHO.repr(value), MAX_ECHO)
+
+
 class RecipeError(ValueError):
-    """A recipe file or object that cannot be used; the message names the field."""
+    """A recipe file or object that cannot be used; the message names the field.
+
+    The message is forced to one escaped, bounded line: it often quotes the file's own contents.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(str(message)))
 
 
 @dataclass(frozen=True)
@@ -35,7 +66,16 @@ class ModelIdentity:
     def architecture_key(self) -> tuple:
         """Everything but the name and weights: two checkpoints with equal keys can share a recipe."""
         d = asdict(self)
-        return tuple(v for k, v in sorted(d.items()) if k not in ("name_or_path", "fingerprint"))
+        return tuple(v for k, v in sorted(d.items()) if k not in _NOT_ARCHITECTURE)
+
+    def architecture_mismatch(self, other: "ModelIdentity") -> str | None:
+        """The first architecture field on which `other` differs (None: they can share a recipe)."""
+        return next((f.name for f in fields(self) if f.name not in _NOT_ARCHITECTURE
+                     and getattr(self, f.name) != getattr(other, f.name)), None)
+
+
+#: ModelIdentity fields that name a checkpoint rather than describe its architecture.
+_NOT_ARCHITECTURE = ("name_or_path", "fingerprint")
 
 
 @dataclass(frozen=True)

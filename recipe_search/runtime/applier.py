@@ -50,6 +50,7 @@ class _Forward:
     attn2d: torch.Tensor | None      # (B, T) original padding mask, extended as tokens arrive
     visual0: torch.Tensor            # (B, T0) visual-token mask of the prompt
     unit0: torch.Tensor              # (B, T0) selection unit (image, or the row's pool) of each visual token
+    image0: torch.Tensor             # (B, T0) image of each visual token (-1 elsewhere), whatever the policy
     targets: dict[tuple[int, int], list[int]]   # (row, unit) -> visual tokens kept entering each layer
     prompt_end: int
     row_keys: list[int]
@@ -205,9 +206,8 @@ class PruningHandle:
         prompt_end = min(self.prompt_len or length, length)
         in_prompt = torch.arange(length, device=input_ids.device)[None, :] < prompt_end
         visual = self.adapter.visual_mask(input_ids) & in_prompt  # a generated id is never a placeholder
-        unit = self.adapter.visual_groups(input_ids) if self.plan.images == "per-image" else \
-            torch.zeros_like(input_ids)
-        unit = torch.where(visual, unit, -1)
+        image = torch.where(visual, self.adapter.visual_groups(input_ids), -1)
+        unit = image if self.plan.images == "per-image" else torch.where(visual, 0, -1)
         targets: dict[tuple[int, int], list[int]] = {}
         for row in range(input_ids.shape[0]):
             ids, sizes = torch.unique(unit[row][visual[row]], return_counts=True)
@@ -218,7 +218,8 @@ class PruningHandle:
             int.from_bytes(hashlib.sha256(ids[ok[:prompt_end]].cpu().numpy().tobytes()).digest()[:8], "little")
             for ids, ok in zip(input_ids[:, :prompt_end], valid[:, :prompt_end])
         ]
-        self._state = _Forward(attn2d=attn2d, visual0=visual, unit0=unit, targets=targets, prompt_end=prompt_end,
+        self._state = _Forward(attn2d=attn2d, visual0=visual, unit0=unit, image0=image, targets=targets,
+                               prompt_end=prompt_end,
                                row_keys=row_keys, prefill_len=length, total_len=length)
         return self._state
 
@@ -368,17 +369,19 @@ class PruningHandle:
         return keep, merges
 
     def _vision_keep(self, kept: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """Layer-0 survivors from the vision stage's patch choice (one row of `kept` per image)."""
+        """Layer-0 survivors from the vision stage's patch choice (one row of `kept` per image, in
+        prompt order, whatever the policy: the tower sees each image alone)."""
         state = self._state
-        assert state is not None and state.unit is not None
-        units = sorted(state.targets)
-        if kept.shape[0] != len(units):
-            if not units or len(units) % kept.shape[0]:
+        assert state is not None and state.cols is not None
+        image = torch.where(state.cols >= 0, state.image0.gather(1, state.cols.clamp(min=0)), -1)
+        images = [(r, int(g)) for r in range(image.shape[0]) for g in image[r][image[r] >= 0].unique().tolist()]
+        if kept.shape[0] != len(images):
+            if not images or len(images) % kept.shape[0]:
                 raise PruningError("the vision stage saw a batch that does not match this prefill")
-            kept = kept.repeat_interleave(len(units) // kept.shape[0], dim=0)
+            kept = kept.repeat_interleave(len(images) // kept.shape[0], dim=0)
         keep = state.cols >= 0
-        for i, (r, u) in enumerate(units):
-            slots = (state.unit[r] == u).nonzero()[:, 0]
+        for i, (r, g) in enumerate(images):
+            slots = (image[r] == g).nonzero()[:, 0]
             if slots.numel() != self._vision.layout.patches:
                 raise PruningError("vision-side selection needs every image to give the tower's patch count")
             self._drop(keep, r, slots, Choice(kept[i:i + 1]))

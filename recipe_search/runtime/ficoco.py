@@ -43,7 +43,7 @@ def correlate(corr: torch.Tensor, quantile: float) -> torch.Tensor:
     tokens; each spreads a softmax over its top-k correlations, so its weights sum to 1.
     """
     batch, _, width = corr.shape
-    if corr.shape[1] == 0:
+    if corr.shape[1] == 0 or width == 0:  # nothing discarded, or nothing kept to merge into
         return corr
     # per batch row: torch.quantile refuses inputs above 2**24 elements (e.g. 64 images x 576 x 288)
     above = corr > torch.stack([torch.quantile(row, quantile, dim=-1, keepdim=True) for row in corr])

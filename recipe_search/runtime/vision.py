@@ -146,6 +146,9 @@ class VisionStage:
         if k >= self.layout.patches:
             self._kept = None
             return None
+        if k == 0:  # a tower cannot run on no token: keep its sequence, the decoder drops every patch
+            self._kept = torch.zeros(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)
+            return None
         ctx = VisionContext(self.adapter, self.layout, self.layer, hidden, dict(self._inputs))
         choice = self.rule.select(ctx, k)
         self._inputs.clear()
