@@ -19,6 +19,9 @@ examples:
   search-recipe eval out/demo-fitprune-50pct.json      accuracy and prefill time of an existing recipe
   search-recipe --budget 25% --selector ficoco-l        any method, another selection rule (recorded)
   search-recipe compare --budget 50%,25%,12.5%          every selector x budget: table + Pareto plot
+  search-recipe --config search.yaml --budget 25%       options from YAML (flags win); every run writes
+                                                        OUT/search.yaml, which reproduces it
+  search-recipe --print-config                          the options (defaults, file, flags) as YAML
 
 budgets: 50% and 0.5 mean "the pruned model may use 50% of the unpruned language model's prefill
 FLOPs over the full sequence (text + visual tokens)"; --formula visual counts visual tokens only
@@ -69,7 +72,16 @@ def _search_parser() -> argparse.ArgumentParser:
                         "layer's count (per-image, default) or all compete for one pool (pooled); recorded")
     p.add_argument("--calib", default="demo", help="calibration data: 'demo', a .jsonl file (\"image\": a path "
                                                    "or a list of paths) or a dataset folder")
-    p.add_argument("--num-samples", type=int, default=64, help="calibration samples (default: 64)")
+    p.add_argument("--num-samples", type=int, default=64,
+                   help="calibration samples (default: 64); from larger data, a seeded draw stratified by "
+                        "question type or answer")
+    p.add_argument("--image-folder", default=None,
+                   help="folder that --calib's image paths are relative to (default: the data file's folder)")
+    p.add_argument("--turns", default="first", choices=["first", "all"],
+                   help="LLaVA conversation JSON: the first human/gpt turn of each entry (default) or every turn")
+    p.add_argument("--columns", default=None,
+                   help="--calib dataset column names, e.g. image=img,prompt=question,answer=answers "
+                        "(fields: image, prompt, answer, qtype)")
     p.add_argument("--formula", default="full", choices=["full", "visual"],
                    help="FLOPs formula a percentage budget is measured with (default: full)")
     p.add_argument("--start-layer", type=int, default=None,
@@ -119,6 +131,73 @@ def _eval_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse `argv` over the defaults of `--config FILE` (YAML, every option a key, flags win).
+
+    Keys are option names with dashes or underscores; an unknown key, a value of the wrong type or
+    outside an option's choices is one line naming the key. The file is read with `yaml.safe_load`.
+    """
+    import yaml
+
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="read options from a YAML file (keys: option names; flags given here win); every "
+                             "run writes its resolved options to OUT/search.yaml")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved options as YAML and exit")
+    first = parser.parse_args(argv)
+    if first.config is None:
+        return first
+    try:
+        loaded = yaml.safe_load(Path(first.config).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"--config {first.config}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config {first.config}: not YAML ({str(exc).splitlines()[0]})") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--config {first.config}: expected a mapping of option: value")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "print_config")}
+    values = {}
+    for key, value in loaded.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            raise ValueError(f"--config {first.config}: unknown key {str(key)!r}; known: "
+                             f"{', '.join(sorted(a.replace('_', '-') for a in actions))}")
+        values[dest] = _config_value(first.config, str(key), actions[dest], value)
+    parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def _config_value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
+    """`value` checked against what the option accepts on the command line."""
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise ValueError(f"--config {path}: {key} must be true or false, not {value!r}")
+        return value
+    if value is None:
+        return None
+    kind = action.type or str
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"--config {path}: {key} must be an integer, not {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"--config {path}: {key} must be a number, not {value!r}")
+    if kind is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"--config {path}: {key} must be a string, not {value!r}")
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"--config {path}: {key} must be one of {', '.join(map(str, action.choices))}, not {value!r}")
+    return value
+
+
+def resolved_config(args: argparse.Namespace) -> str:
+    """The run's options as YAML, so `--config` of this text reproduces the run."""
+    import yaml
+
+    options = {k.replace("_", "-"): v for k, v in vars(args).items() if k not in ("config", "print_config")}
+    return yaml.safe_dump(options, sort_keys=False, default_flow_style=False)
+
+
 def _budget_slug(text: str) -> str:
     return re.sub(r"[^0-9a-zA-Z.]+", "", text.replace("%", "pct")) or "budget"
 
@@ -166,7 +245,8 @@ class _Session:
     args: argparse.Namespace
 
     @classmethod
-    def open(cls, args: argparse.Namespace, fallback_data: str) -> "_Session":
+    def open(cls, args: argparse.Namespace, fallback_data: str,
+             fallback_options: dict[str, Any] | None = None) -> "_Session":
         import torch
         from transformers.utils import logging as hf_logging
 
@@ -193,7 +273,8 @@ class _Session:
         held_out = None if eval_spec == "none" else load_samples(eval_spec, args.eval_samples, split="eval")
         if held_out is not None and not held_out.has_answers:
             raise ValueError(f"--eval {eval_spec}: every sample needs an answer to measure accuracy")
-        timing = load_samples(eval_spec if held_out is not None else fallback_data, 16, split="eval")
+        timing = (load_samples(eval_spec, 16, split="eval") if held_out is not None
+                  else load_samples(fallback_data, 16, split="eval", **(fallback_options or {})))
         session = cls(loaded, str(source), held_out, timing, None, 0.0, args)
         session.base_seconds = prefill_seconds(model, processor, adapter, timing)
         if held_out is not None:
@@ -279,7 +360,10 @@ def _run_eval(argv: Sequence[str]) -> int:
 
 
 def _run_search(argv: Sequence[str]) -> int:
-    args = _search_parser().parse_args(argv)
+    args = parse_with_config(_search_parser(), argv)
+    if args.print_config:
+        print(resolved_config(args), end="")
+        return 0
     from .budget import parse_budgets
 
     if args.method == "gsearch":
@@ -303,7 +387,7 @@ def _run_search(argv: Sequence[str]) -> int:
     from .calibration import load_samples
     from .pipeline import SearchOptions, search_recipes
     from .plot import plot_history, plot_retention
-    from .recipe import load_recipe, save_recipe
+    from .recipe import load_recipe, save_recipe, write_atomic
     from .search import DEFAULT_START_LAYER
     from .search.psigmoid import fit_to_curve
 
@@ -314,9 +398,10 @@ def _run_search(argv: Sequence[str]) -> int:
         start = DEFAULT_START_LAYER["psigmoid"] if args.start_layer is None else args.start_layer
         warm_start = fit_to_curve(seed_recipe.schedule.counts, seed_recipe.schedule.visual_tokens, start)
     # data first: a bad --calib fails in a second, before the model is loaded and evaluated
-    calib = load_samples(args.calib, args.num_samples, split="calib")
+    calib_options = {"image_folder": args.image_folder, "turns": args.turns, "columns": args.columns}
+    calib = load_samples(args.calib, args.num_samples, split="calib", **calib_options)
     search_set = load_samples(args.search_set, args.num_samples, split="calib") if args.search_set else None
-    session = _Session.open(args, fallback_data=args.calib)
+    session = _Session.open(args, fallback_data=args.calib, fallback_options=calib_options)
     loaded = session.loaded
     with _TrialBar(args) as bar:
         options = SearchOptions(
@@ -333,6 +418,7 @@ def _run_search(argv: Sequence[str]) -> int:
         name = f"{name}-{args.selector}"
     paths = [save_recipe(r, out / f"{name}-{args.method}-{_budget_slug(r.budget.asked) if r.budget.kind != 'none' else 'least-cost'}.json")
              for r in outcome.recipes]
+    write_atomic(out / "search.yaml", resolved_config(args).encode())
     plot_path = plot_retention(outcome.recipes, args.plot or out / f"{name}-{args.method}-retention.png")
     history_paths = []
     if args.method == "psigmoid":
@@ -343,11 +429,13 @@ def _run_search(argv: Sequence[str]) -> int:
     session.header()
     print(f"calibration: {len(calib)} samples from {calib.source} "
           f"({_cache_note(outcome.stats_cached)})")
+    print("".join(f"  {note}\n" for note in calib.notes), end="")
     if args.method in ("gsearch", "psigmoid"):
         _print_tau(outcome.stats.kendall_tau)
     for recipe, path in zip(outcome.recipes, paths):
         session.report(recipe, path)
     print(f"\nretention plot: {plot_path}")
+    print(f"options: {out / 'search.yaml'} (search-recipe --config {out / 'search.yaml'} runs this again)")
     for path in history_paths:
         print(f"optimisation history: {path}")
     return 0

@@ -10,6 +10,7 @@ from ..budget import Budget
 from ..flops import FORMULAS, VISION_FORMULAS, CostModel, VisionCost
 from ..models import ModelAdapter
 from ..search import SearchResult
+from .identity import model_identity  # noqa: F401  (re-exported: searches name the model they ran on)
 from .schema import (
     BudgetRecord,
     CalibrationRecord,
@@ -19,17 +20,6 @@ from .schema import (
     Schedule,
     Selection,
 )
-
-
-def model_identity(adapter: ModelAdapter, name_or_path: str) -> ModelIdentity:
-    arch = adapter.architecture()
-    d = arch.dims
-    return ModelIdentity(
-        name_or_path=name_or_path, family=arch.family, model_type=arch.model_type, num_layers=d.num_layers,
-        hidden_size=d.hidden_size, intermediate_size=d.intermediate_size, num_heads=d.num_heads,
-        num_kv_heads=d.num_kv_heads, head_dim=d.head_dim, visual_tokens_per_image=arch.visual_tokens_per_image,
-        fingerprint=adapter.fingerprint(),
-    )
 
 
 def budget_record(budget: Budget | None, counts: tuple[int, ...], costs: CostModel) -> BudgetRecord:

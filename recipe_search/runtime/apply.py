@@ -1,11 +1,13 @@
 """`apply_recipe`: check that a recipe belongs to this model, then attach its plan."""
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from ..models import ModelAdapter, get_adapter
-from ..recipe.build import model_identity
-from ..recipe.io import validate_recipe
+from ..recipe.identity import model_identity
+from ..recipe.io import load_recipe, validate_recipe
 from ..recipe.schema import MAX_ECHO, ModelIdentity, Recipe, RecipeError, echo, one_line
 from .applier import PruningHandle
 from .plan import PruningPlan
@@ -66,13 +68,17 @@ def _check_fits(adapter: ModelAdapter, recipe: Recipe) -> None:
             raise RecipeError(f"vision.encoder_layer: {exc}") from None
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe, *, allow_other_checkpoint: bool = False) -> PruningHandle:
-    """Attach `recipe` to `model`; returns a handle whose `remove()` restores the model exactly.
+def apply_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike, *,
+                 allow_other_checkpoint: bool = False) -> PruningHandle:
+    """Attach `recipe` (a Recipe or a recipe file's path) to `model`; returns a handle whose
+    `remove()` restores the model exactly.
 
     The model must have the recipe's architecture; it must also be the very checkpoint the recipe
     was searched on unless `allow_other_checkpoint` is set (e.g. a fine-tune of the same base).
     Every problem with the recipe, including what only the model can tell, is a one-line RecipeError.
     """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
     adapter = get_adapter(model)
     check_recipe_matches(adapter, recipe, allow_other_checkpoint)
     return PruningHandle(model, plan_from_recipe(recipe), adapter)
