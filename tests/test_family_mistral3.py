@@ -5,9 +5,10 @@ counts (rows with other image sizes and numbers of images match the rows alone, 
 image's count); `[IMG]` rows interleaved with `[IMG_BREAK]` and closed by `[IMG_END]`, where only the
 `[IMG]` tokens are pruned and all rows of one image form one selection unit, also for images written
 back to back; a sliding-window Mistral decoder and a Ministral 3 decoder (position-scaled queries,
-exact below its original context) score like eager attention. transformers' PixtralProcessor needs
-torchvision, so the command line stops with one line telling the user to install it; the runtime
-tests use processor-free inputs.
+exact below its original context) score like eager attention. The runtime tests use processor-free
+inputs; transformers' PixtralProcessor needs torchvision, so without it the adapter's own image-only
+processor is built from the saved folder (both config layouts), gives inputs the model accepts, and
+runs the command line end to end.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import json
 import pytest
 import torch
 from PIL import Image
-from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil,
+                          PreTrainedTokenizerFast)
 
 from checks import (assert_cached_decode_equals_reforward, assert_decode_masks_equal_model_masks,
                     assert_keep_all_identical, assert_manual_continuation_matches_generate, assert_rows_alone,
@@ -207,34 +210,150 @@ def test_manual_continuation_matches_generate(sdpa):
 
 # -- processor and command line --------------------------------------------------------------------
 needs_no_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
-                                          reason="torchvision is installed: the processor can be built")
+                                          reason="torchvision is installed: the checkpoint's PixtralProcessor is used")
+
+SPECIALS = ("<pad>", "</s>", "<s>", "[INST]", "[/INST]", "<unk>", "<ctrl6>", "<ctrl7>", "<ctrl8>", "<ctrl9>", "[IMG]",
+            "<ctrl11>", "[IMG_BREAK]", "[IMG_END]")
+INST, END_INST = 3, 4
+WORDS = ("what", "colour", "is", "the", "shape", "?", "left", "and", "right")
+WORD = {w: len(SPECIALS) + i for i, w in enumerate(WORDS)}
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- '[INST]' -}}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{- '[IMG]' -}}{%- else -%}{{- ' ' + item['text'] + ' ' -}}{%- endif -%}"
+    "{%- endfor -%}{{- '[/INST]' -}}{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, sdpa):
-    folder = tmp_path_factory.mktemp("mistral3")
-    sdpa.save_pretrained(folder)
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer whose ids match the tiny config ([IMG] 10, [IMG_BREAK] 12, [IMG_END] 13)."""
+    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *WORDS])}
+    assert vocab["[IMG]"] == IMG and vocab["[IMG_BREAK]"] == BREAK and vocab["[IMG_END]"] == END and len(vocab) < VOCAB
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    # adds <s> like the real tokenizer, whose chat template also writes it: build_inputs must not double it
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)])
+    tok.add_special_tokens(list(SPECIALS))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=512)
+
+
+IMAGE_PROCESSOR = {"image_processor_type": "PixtralImageProcessor", "do_resize": True, "do_rescale": True,
+                   "do_normalize": True, "do_pad": True, "do_convert_rgb": True, "resample": 3,
+                   "rescale_factor": 1 / 255, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                   "image_std": [0.26862954, 0.26130258, 0.27577711], "patch_size": {"height": 4, "width": 4},
+                   "size": {"longest_edge": 64}}
+SETTINGS = {"processor_class": "PixtralProcessor", "patch_size": 4, "spatial_merge_size": 2, "image_token": "[IMG]",
+            "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
+
+
+def save_checkpoint(folder, model: Mistral3ForConditionalGeneration, layout: str) -> None:
+    """The model and what PixtralProcessor.save_pretrained writes, by hand (PixtralProcessor cannot be
+    imported here). "nested": transformers 5's layout, the image-processor settings inside
+    processor_config.json and the template in chat_template.jinja; "legacy": hub checkpoints such as
+    Mistral Small 3.1, with preprocessor_config.json, a flat processor_config.json and chat_template.json;
+    "bare": no processor settings at all (patch and merge sizes then come from the model config) and
+    the template in the tokenizer's config."""
+    model.save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    if layout == "bare":
+        (folder / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR))
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": CHAT_TEMPLATE}))
+    elif layout == "nested":
+        (folder / "processor_config.json").write_text(json.dumps({**SETTINGS, "image_processor": IMAGE_PROCESSOR}))
+        (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    else:
+        (folder / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR))
+        (folder / "processor_config.json").write_text(json.dumps(SETTINGS))
+        (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+
+
+@pytest.fixture(scope="module", params=["nested", "legacy", "bare"])
+def checkpoint(request, tmp_path_factory, sdpa):
+    folder = tmp_path_factory.mktemp(f"mistral3_{request.param}")
+    save_checkpoint(folder, sdpa, request.param)
     return folder
 
 
-@needs_no_torchvision
-def test_processor_needs_torchvision(checkpoint, sdpa):
-    with pytest.raises(ImportError, match=r"^the Mistral 3 \(Pixtral\) processor needs torchvision: "
-                                          r"pip install torchvision$"):
-        type(get_adapter(sdpa)).load_processor(str(checkpoint))
+def _image(seed: int, size: tuple[int, int]) -> Image.Image:
+    gen = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(size[1], size[0], 3, generator=gen) * 255).byte().numpy())
 
 
 @needs_no_torchvision
-def test_search_recipe_says_to_install_torchvision(checkpoint, tmp_path, capsys):
+def test_processor_without_torchvision_gives_model_inputs(checkpoint, sdpa):
+    """load_processor builds the image-only processor from the folder's saved settings (either layout).
+    Images are resized to whole 8-px merged patches with the longest edge at most 64 (20x30 -> 24x32,
+    100x50 -> 64x32, 48x24 stays): the [IMG] rows, breaks and end of each image follow its resized
+    size, the batch is left-padded with one BOS per row, and the model accepts the inputs (its forward
+    checks the [IMG] count against the image features)."""
+    adapter = get_adapter(sdpa)
+    processor = type(adapter).load_processor(str(checkpoint))
+    assert isinstance(processor.image_processor, PixtralImageProcessorPil)
+    assert processor.image_token == "[IMG]"
+    assert processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": "what ?"}]}],
+                                         add_generation_prompt=True, tokenize=False) == "<s>[INST][IMG] what ? [/INST]"
+    images = [[_image(0, (20, 30)), _image(1, (100, 50))], _image(2, (48, 24))]  # (width, height)
+    inputs = adapter.build_inputs(processor, images, ["left and right", "what colour is the shape ?"])
+    assert list(inputs) == ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
+    assert inputs["image_sizes"].tolist() == [[32, 24], [32, 64], [24, 48]]
+    assert inputs["pixel_values"].shape == (3, 3, 32, 64)
+    expected = [[BOS, INST, *image_tokens(32, 24), *image_tokens(32, 64), *(WORD[w] for w in "left and right".split()),
+                 END_INST],
+                [BOS, INST, *image_tokens(24, 48), *(WORD[w] for w in "what colour is the shape ?".split()), END_INST]]
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    width = max(len(r) for r in expected)
+    assert ids.shape == (2, width)
+    for row, want in enumerate(expected):
+        pad = width - len(want)
+        assert ids[row].tolist() == [PAD] * pad + want
+        assert mask[row].tolist() == [0] * pad + [1] * len(want)
+    assert pad > 0  # the second row is the shorter one: left padding is exercised
+    # the pixels are the saved image processor's (mean, std, longest edge), zero-padded per image
+    reference = PixtralImageProcessorPil(**{k: v for k, v in IMAGE_PROCESSOR.items() if k != "image_processor_type"})
+    flat = [images[0][0], images[0][1], images[1]]
+    assert torch.equal(inputs["pixel_values"], reference(flat, patch_size=MERGE, return_tensors="pt")["pixel_values"])
+    groups = adapter.visual_groups(ids)
+    assert [int(groups[0][ids[0] == IMG].max()) + 1, int(groups[1][ids[1] == IMG].max()) + 1] == [2, 1]
+    assert [(groups[0] == g).sum().item() for g in (0, 1)] == [12, 32]
+    with torch.no_grad():
+        logits = sdpa(**inputs).logits
+    assert logits.shape == (2, width, VOCAB) and torch.isfinite(logits).all()
+    plan = PruningPlan((32, 16, 8, 4), 32, make_rule("fitprune"))
+    with PruningHandle(sdpa, plan) as handle:
+        sdpa.generate(**inputs, max_new_tokens=2, do_sample=False)
+        # row 0: a 12-token image on the plan's fractions and a 32-token one on the plan, each its own unit
+        assert handle.last_counts == [a + b for a, b in zip(plan.counts_for(12), plan.counts_for(32))]
+
+
+@needs_no_torchvision
+def test_processor_refuses_placeholders_without_images(checkpoint, sdpa):
+    processor = type(get_adapter(sdpa)).load_processor(str(checkpoint))
+    with pytest.raises(ValueError, match=r"2 \[IMG\] placeholders for 1 images"):
+        processor(images=[_image(0, (16, 16))], text=["<s>[INST][IMG][IMG] what [/INST]"])
+
+
+def test_search_recipe_end_to_end(checkpoint, tmp_path):
     from recipe_search.cli import main
 
-    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "x.png")
-    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "x.png", "prompt": "what colour ?"}) + "\n")
+    lines = []
+    for i, size in enumerate([(32, 32), (64, 32), (40, 24), (100, 50)]):
+        _image(10 + i, size).save(tmp_path / f"x{i}.png")
+        lines.append({"image": f"x{i}.png", "prompt": "what colour is the shape ?"})
+    lines.append({"image": ["x0.png", "x2.png"], "prompt": "left and right"})
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "out"
     code = main(["--model", str(checkpoint), "--calib", str(tmp_path / "data.jsonl"), "--budget", "50%",
-                 "--eval", "none", "--out", str(tmp_path / "out"), "--quiet", "--threads", "1",
-                 "--cache-dir", str(tmp_path / "cache")])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert "pip install torchvision" in err
-    assert "Traceback" not in err and err.count("\n") == 1
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.json"))
+                 "--eval", "none", "--out", str(out), "--quiet", "--threads", "1",
+                 "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4"])
+    assert code == 0
+    recipes = list(out.glob("*.json"))
+    assert len(recipes) == 1
+    recipe = json.loads(recipes[0].read_text())
+    assert recipe["format"] == "recipe-search/recipe" and "mistral3" in json.dumps(recipe)
