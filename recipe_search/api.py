@@ -27,15 +27,15 @@ def checkpoint_path(model: str | Path) -> str:
     return str(model)
 
 
-def load(model: Any, processor: Any = None) -> Any:
-    """A `LoadedModel` from "demo", a local checkpoint path, or a loaded transformers model
-    (its processor given as `processor=`)."""
+def load(model: Any, processor: Any = None, *, device: str = "cpu", dtype: str = "float32") -> Any:
+    """A `LoadedModel` from "demo", a local checkpoint path (loaded on `device` in `dtype`), or a
+    loaded transformers model (its processor given as `processor=`)."""
     from .models import get_adapter
     from .models.loading import load_model
     from .pipeline import LoadedModel
 
     if isinstance(model, (str, Path)):
-        loaded, proc, adapter = load_model(checkpoint_path(model))
+        loaded, proc, adapter = load_model(checkpoint_path(model), dtype=dtype, device=device)
         return LoadedModel(loaded, processor or proc, adapter, str(model))
     if processor is None:
         raise ValueError("a loaded model needs its processor: search(model, data, processor=processor)")
@@ -86,10 +86,12 @@ def _budgets(budget: str | float | Sequence[str | float] | None, formula: str) -
 def search(model: Any, data: Any, budget: str | float | Sequence[str | float] | None = "50%", *,
            method: str | None = None, processor: Any = None, rule: str | None = None, formula: str = "full",
            num_samples: int = 64, cache_dir: str | Path | None = None, batch_size: int = 8,
-           progress: bool = True, search_set: Any = None, **options: Any) -> list[Recipe]:
+           progress: bool = True, search_set: Any = None, device: str = "cpu", dtype: str = "float32",
+           **options: Any) -> list[Recipe]:
     """Recipes for `model` meeting each `budget` ("50%", 0.5, "64tok", "50%,25%" or a list).
 
-    `method` names a search (default: `DEFAULT_METHOD`); `rule` puts another selection rule into the
+    A path or "demo" is loaded on `device` ("cpu", "cuda", "auto" for accelerate's device map) in
+    `dtype`. `method` names a search (default: `DEFAULT_METHOD`); `rule` puts another selection rule into the
     recipes; the remaining keyword options are those of the searches (`pipeline.SearchOptions`:
     start_layer, metric, tolerance, optimizer, n_trials, seed, storage, images, ...).
     """
@@ -105,7 +107,7 @@ def search(model: Any, data: Any, budget: str | float | Sequence[str | float] | 
         raise ValueError("give a budget, e.g. budget='50%'")
     calib = samples(data, num_samples)
     searched = samples(search_set, num_samples) if search_set is not None else None
-    loaded = load(model, processor)
+    loaded = load(model, processor, device=device, dtype=dtype)
     outcome = search_recipes(loaded, calib, budgets, method=method, options=SearchOptions(**options),
                              search_set=searched,
                              model_source=checkpoint_path(model) if isinstance(model, (str, Path)) else None,

@@ -42,6 +42,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, default=1000, help="held-out questions (default: 1000)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size for calibration and evaluation")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (default), cuda, cuda:1, mps, or auto (accelerate's "
+                        "device_map='auto': layers spread over the GPUs, the rest offloaded to CPU or disk)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "bf16", "float16", "fp16"],
+                   help="weights and activations (default: float32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for the demo model, torch's default otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -267,7 +272,8 @@ class _Session:
             source: Any = demo_checkpoint()
         else:
             source = args.model
-        model, processor, adapter = load_model(source, attn_implementation=args.attn)
+        model, processor, adapter = load_model(source, attn_implementation=args.attn, dtype=args.dtype,
+                                               device=args.device)
         loaded = LoadedModel(model, processor, adapter, "demo" if is_demo else str(args.model))
         eval_spec = args.eval or ("demo" if is_demo else "none")
         held_out = None if eval_spec == "none" else load_samples(eval_spec, args.eval_samples, split="eval")

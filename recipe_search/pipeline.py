@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .budget import Budget
+from .calibration.cache import CacheOutcome
 from .calibration import SampleSet, calibrate
 from .flops import CostModel
 from .models import ModelAdapter
@@ -59,7 +60,7 @@ class SearchOptions:
 @dataclass(frozen=True)
 class SearchOutcome:
     stats: CalibrationStats
-    stats_cached: bool
+    stats_cached: CacheOutcome  # truthy when the statistics came from the cache; `.note` says why not
     costs: CostModel
     recipes: list[Recipe]
     results: list[SearchResult]
@@ -87,7 +88,7 @@ def _psigmoid_run(loaded: LoadedModel, search_set: SampleSet, budget: Budget, co
         options.optimizer, psigmoid.search_space(len(scorer.layers), start),
         storage=options.storage or default_storage(options.work_dir, "psigmoid-trials"), study_name=name,
         log_path=options.work_dir / f"{name}.skopt.json", n_startup=options.n_startup, seed=options.seed,
-        resume=options.resume if resume is None else resume,
+        resume=options.resume if resume is None else resume, worker=worker,
     )
     return psigmoid.PSigmoidRun(scorer, budget, costs, backend, start, options.n_trials, options.progress, worker)
 
@@ -108,13 +109,25 @@ def _worker(source: str, name_or_path: str, search_set: SampleSet, budget: Budge
         ready.wait(timeout=600)  # start trials together, whatever each worker's loading time was
     except threading.BrokenBarrierError:
         pass
-    run.run()
+    try:
+        run.run()
+    finally:
+        run.backend.close()
 
 
 def run_workers(source: str, loaded: LoadedModel, search_set: SampleSet, budget: Budget, costs: CostModel,
                 options: SearchOptions, start: int) -> None:
-    """Start `options.n_workers` processes on one (already created) optuna study and wait for them."""
+    """Start `options.n_workers` processes on one (already created) optuna study and wait for them.
+
+    A worker that dies (kill -9, out of memory) leaves a running trial that the others fail once its
+    heartbeat is stale and then redo, so the study still ends with `options.n_trials` finished
+    trials: that is a warning. Only a study left unfinished is an error (finish it with --resume).
+    """
+    import sys
+
     import torch
+
+    from .search.optimizers import study_progress
 
     if options.optimizer == "skopt":
         raise ValueError("--n-workers needs an optuna optimizer: skopt keeps its trials in one process")
@@ -128,9 +141,16 @@ def run_workers(source: str, loaded: LoadedModel, search_set: SampleSet, budget:
         p.start()
     for p in procs:
         p.join()
-    failed = [p.exitcode for p in procs if p.exitcode]
+    failed = {f"worker-{i}": p.exitcode for i, p in enumerate(procs) if p.exitcode}
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(procs)} search workers failed (exit codes {failed})")
+        storage = options.storage or default_storage(options.work_dir, "psigmoid-trials")
+        done = study_progress(storage, study_name(loaded, search_set, budget, options, start)).finished
+        codes = ", ".join(f"{w} exit code {c}" for w, c in failed.items())
+        if done < options.n_trials:
+            raise RuntimeError(f"{len(failed)} of {len(procs)} search workers failed ({codes}) with {done} of "
+                               f"{options.n_trials} trials finished; --resume finishes the study")
+        print(f"search-recipe: warning: {len(failed)} of {len(procs)} search workers died ({codes}); the others "
+              f"failed and redid their interrupted trials and finished the study", file=sys.stderr)
 
 
 def _psigmoid_start(scorer: ScheduleScorer, budget: Budget, costs: CostModel, asked: int | None) -> int:

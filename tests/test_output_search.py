@@ -1,4 +1,14 @@
 """G-Search and P-Sigmoid: scorer exactness, budgets, floor bisection, backends, resume and workers."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,7 +19,8 @@ from recipe_search.pipeline import LoadedModel, SearchOptions, run_workers, sear
 from recipe_search.runtime import PruningHandle, PruningPlan, make_rule
 from recipe_search.search import gsearch, psigmoid
 from recipe_search.search.objective import ScheduleScorer
-from recipe_search.search.optimizers import OptimizerError, OptunaBackend, default_storage, make_backend
+from recipe_search.search.optimizers import (OptimizerError, OptunaBackend, SkoptBackend, TrialLost,
+                                             default_storage, make_backend)
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +169,154 @@ def test_psigmoid_starts_earlier_only_when_the_budget_needs_it(loaded, search_se
         search_recipes(loaded, search_set, [parse_budget("25%")], method="psigmoid",
                        options=SearchOptions(start_layer=2, n_trials=3, work_dir=tmp_path / "b"),
                        cache_dir=tmp_path / "cache", progress=False)
+
+
+# --- trials that survive kill -9 --------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+HEARTBEAT = "1,4"  # beat every second, an orphan after 4 s without one (default 10,60)
+
+
+def _orphan(backend, *, beat):
+    """A RUNNING trial of a worker that died: with `beat`, after its first heartbeat; without, before it."""
+    if beat:
+        trial = backend.ask()
+        backend.beats.pop(trial.handle._trial_id).stop()  # the heartbeat stops, as with kill -9
+        return trial.number
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna: heartbeats are meant for optimize()
+        return backend.study.ask().number  # created, never beaten (or by an older version)
+
+
+@pytest.mark.parametrize("journal,beat", [(False, True), (False, False), (True, True)],
+                         ids=["stale-heartbeat", "no-heartbeat", "journal"])
+def test_orphaned_running_trial_is_failed_retried_and_not_counted(loaded, search_set, costs, tmp_path, journal, beat):
+    space = psigmoid.search_space(8, 2)
+    storage = f"journal://{tmp_path / 't.log'}" if journal else default_storage(tmp_path, "t")
+    first = OptunaBackend(space, storage, "s", n_startup=2, heartbeat=(1, 2))
+    scorer = ScheduleScorer(loaded, search_set, make_rule("attention"), "previous", batch_size=6)
+    psigmoid.PSigmoidRun(scorer, parse_budget("80%"), costs, first, 2, 1).run()
+    orphan = _orphan(first, beat=beat)
+    resumed = OptunaBackend(space, storage, "s", n_startup=2, resume=True, heartbeat=(1, 2))
+    psigmoid.PSigmoidRun(scorer, parse_budget("80%"), costs, resumed, 2, 4).run()
+    trials = resumed.study.get_trials()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 4 and not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    dead = next(t for t in trials if t.number == orphan)
+    assert dead.state.name == "FAIL"
+    retried = [t for t in complete if t.system_attrs.get("failed_trial") == orphan]
+    assert len(retried) == 1 and retried[0].params == (dead.params or retried[0].params)  # killed before sampling: none
+
+
+def test_a_trial_failed_by_another_worker_is_not_told(tmp_path):
+    space, storage = psigmoid.search_space(8, 2), default_storage(tmp_path, "t")
+    mine = OptunaBackend(space, storage, "s", heartbeat=(1, 2))
+    trial = mine.ask()
+    other = OptunaBackend(space, storage, "s", resume=True, heartbeat=(1, 2))
+    other.storage.set_trial_state_values(trial.handle._trial_id, state=other.optuna.trial.TrialState.FAIL)
+    with pytest.raises(TrialLost, match="failed by another worker"):
+        mine.tell(trial, 0.5, {})
+    assert mine.finished() == [] and mine.beats == {}
+
+
+def test_skopt_log_takes_one_process_at_a_time(tmp_path):
+    space, log = psigmoid.search_space(8, 2), tmp_path / "s.skopt.json"
+    first = SkoptBackend(space, log, n_startup=2)
+    first.tell(first.ask(), 0.5, {})
+    with pytest.raises(OptimizerError, match="in use by another search"):
+        SkoptBackend(space, log, n_startup=2, resume=True)  # would overwrite the first one's trials
+    first.close()
+    again = SkoptBackend(space, log, n_startup=2, resume=True)
+    assert [r.number for r in again.finished()] == [0]
+    again.close()
+    log.write_text(json.dumps([{"number": 0, "params": {"slope": 1, "midpoint": 3}, "value": 0.5}] * 2))
+    with pytest.raises(OptimizerError, match="lost or duplicated"):
+        SkoptBackend(space, log, n_startup=2, resume=True)
+
+
+def _search_command(out, n_trials, optimizer, *extra):
+    return [sys.executable, "-m", "recipe_search.cli", "--method", "psigmoid", "--budget", "50%",
+            "--optimizer", optimizer, "--n-trials", str(n_trials), "--n-startup", "2", "--num-samples", "16",
+            "--batch-size", "8", "--eval", "none", "--out", str(out), "--cache-dir", str(out.parent / "cache"),
+            "--quiet", *extra]
+
+
+def _trial_states(db):
+    """State -> count, read-only (the search owns the file); {} until its tables exist."""
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return dict(con.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
+    except sqlite3.OperationalError:  # not created yet, or locked for a moment
+        return {}
+
+
+def _skopt_rows(out):
+    logs = list(out.glob("*.skopt.json"))
+    try:
+        return json.loads(logs[0].read_text()) if logs else []
+    except json.JSONDecodeError:
+        return []
+
+
+def _kill_mid_trial(command, out, optimizer, n_trials, log, timeout=240):
+    """Start the search and SIGKILL it once a trial finished and another runs; True if one was orphaned."""
+    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "RECIPE_SEARCH_HEARTBEAT": HEARTBEAT},
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if optimizer == "skopt":
+                if 1 <= len(_skopt_rows(out)) < n_trials - 2:
+                    break  # trials take ~0.5 s and follow each other at once: the kill lands in one
+            else:
+                states = _trial_states(out / "psigmoid-trials.db")
+                if states.get("COMPLETE", 0) >= 1 and states.get("RUNNING", 0) >= 1:
+                    break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the search ended or stalled before it could be killed (see {log.name})"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    return optimizer == "skopt" or _trial_states(out / "psigmoid-trials.db").get("RUNNING", 0) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["optuna", "skopt"])
+def test_resume_after_kill_9_finishes_exactly_n_trials(tmp_path, optimizer):
+    n_trials, out = 8, tmp_path / "out"
+    command = _search_command(out, n_trials, optimizer)
+    with open(tmp_path / "killed.log", "wb") as log:
+        for attempt in range(3):  # the kill must land inside a trial; a miss (the trial just ended) retries
+            if _kill_mid_trial(command + (["--resume"] if attempt else []), out, optimizer, n_trials, log):
+                break
+        else:
+            pytest.fail("three kills in a row missed every trial")
+    assert not list(out.glob("*-psigmoid-*.json")), "a killed search wrote a recipe"
+    done = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RECIPE_SEARCH_HEARTBEAT": HEARTBEAT})
+    assert done.returncode == 0, done.stderr[-3000:]
+    recipes = list(out.glob("*-psigmoid-*.json"))
+    assert [p.name for p in recipes] == ["demo-psigmoid-50pct.json"]
+    result = json.loads(recipes[0].read_text())["method"]["result"]
+    history = [h["trial"] for h in result["history"]]
+    assert result["trials"] == n_trials and len(history) == len(set(history)) == n_trials
+    if optimizer == "skopt":
+        assert [row["number"] for row in _skopt_rows(out)] == list(range(n_trials)) == history
+        return
+    import optuna
+
+    storage = f"sqlite:///{out / 'psigmoid-trials.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    trials = study.get_trials()
+    complete = {t.number for t in trials if t.state.name == "COMPLETE"}
+    assert len(complete) == n_trials and complete == set(history)
+    assert not [t for t in trials if t.state.name == "RUNNING"], "an orphaned trial was left running"
+    failed = {t.number for t in trials if t.state.name == "FAIL"}
+    assert failed, "the orphaned trial was neither failed nor finished"
+    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+    assert not complete & retried, "a trial and its retry both counted"

@@ -335,7 +335,16 @@ class ModelAdapter(ABC):
         if limit is not None and length > limit:
             raise ValueError(f"a prompt is {length} tokens with its images, longer than the model's context of "
                              f"{limit} tokens; shorten it")
-        return batch
+        return self.to_model(batch)
+
+    def to_model(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Inputs on the device of the model's embeddings, floating ones in the model's dtype (a
+        processor returns float32 CPU tensors whatever the model runs in)."""
+        weight = self.model.get_input_embeddings().weight
+        device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+        dtype = self.model.dtype
+        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
 
     @classmethod
     def load_processor(cls, source: str) -> Any:

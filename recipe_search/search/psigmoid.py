@@ -12,6 +12,8 @@ recorded; the best one becomes the recipe.
 from __future__ import annotations
 
 import math
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -22,7 +24,7 @@ from ..flops import CostModel
 from .fitprune import InfeasibleBudgetError, SearchResult
 from .gsearch import RULE, RULE_PARAMS, SCORE_LAYER
 from .objective import ScheduleScorer
-from .optimizers import Backend, Space
+from .optimizers import Backend, Space, TrialLost
 
 SLOPE_RANGE = (0.1, 3.0)
 INFEASIBLE = -1.0  # told to the optimiser when no floor meets the budget for (k, m)
@@ -122,16 +124,17 @@ class PSigmoidRun:
     worker: str = "main"
 
     def trial(self) -> bool:
-        """Ask, fit the floor, score, tell; False once the (possibly shared) study has enough trials.
+        """Ask, fit the floor, score, tell; True if a trial was recorded.
 
-        An interrupted trial is failed, never half-recorded, so a resumed run repeats it.
+        A trial beyond --n-trials (another worker took the last free slot meanwhile) is failed at
+        once. An interrupted trial is failed, never half-recorded, so a resumed run replaces it.
         """
         n, layers = self.scorer.visual_tokens, len(self.scorer.layers)
         trial = self.backend.ask()
-        if self.backend.rank(trial) > self.n_trials:  # other workers filled the study meanwhile
-            self.backend.fail(trial)
-            return False
         try:
+            if self.backend.rank(trial) > self.n_trials:
+                self.backend.fail(trial)
+                return False
             fitted = fit_proposal(n, layers, self.start_layer, trial.params["slope"], trial.params["midpoint"],
                                   self.budget, self.costs)
             attrs: dict[str, Any] = {"feasible": fitted is not None, "worker": self.worker}
@@ -146,14 +149,31 @@ class PSigmoidRun:
         except BaseException:
             self.backend.fail(trial)
             raise
-        self.backend.tell(trial, value, attrs)
+        try:
+            self.backend.tell(trial, value, attrs)
+        except TrialLost as exc:  # its retry counts instead
+            print(f"search-recipe: warning: {exc}", file=sys.stderr)
+            return False
         if self.progress:
             self.progress(trial.number, attrs)
         return True
 
     def run(self) -> None:
-        while len(self.backend.finished()) < self.n_trials and self.trial():
-            pass
+        """Trials until the (possibly shared) study holds n_trials finished ones.
+
+        Only finished trials count. While running trials of other workers hold the remaining slots,
+        wait: they either finish, or their worker died and the trial is failed once its heartbeat is
+        stale (and re-queued), which frees the slot for this worker.
+        """
+        while True:
+            self.backend.reap()
+            state = self.backend.progress()
+            if state.finished >= self.n_trials:
+                return
+            if state.claimed >= self.n_trials and not state.waiting:
+                time.sleep(self.backend.poll_seconds)
+                continue
+            self.trial()
 
 
 def best_result(run: PSigmoidRun, seconds: float, params: dict[str, Any]) -> SearchResult:
