@@ -394,8 +394,8 @@ def _run_search(argv: Sequence[str]) -> int:
     from .pipeline import SearchOptions, search_recipes
     from .plot import plot_history, plot_retention
     from .recipe import load_recipe, save_recipe, write_atomic
-    from .search import DEFAULT_START_LAYER
-    from .search.psigmoid import fit_to_curve
+    from .methods import DEFAULT_START_LAYER
+    from .methods.psigmoid import fit_to_curve
 
     out = Path(args.out)
     warm_start = None

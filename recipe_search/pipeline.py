@@ -17,10 +17,10 @@ from .models import ModelAdapter
 from .recipe.build import make_recipe, model_identity
 from .recipe.schema import CalibrationRecord, Recipe
 from .runtime.selection import make_rule
-from .search import DEFAULT_START_LAYER, METHODS, InfeasibleBudgetError, SearchResult
-from .search import gsearch, psigmoid
-from .search.objective import ScheduleScorer
-from .search.optimizers import default_storage, make_backend
+from .methods import DEFAULT_START_LAYER, METHODS, InfeasibleBudgetError, SearchResult
+from .methods import gsearch, psigmoid
+from .methods.objective import ScheduleScorer
+from .methods.optimizers import default_storage, make_backend
 from .selectors import apply_selector
 from .stats import CalibrationStats
 
@@ -127,7 +127,7 @@ def run_workers(source: str, loaded: LoadedModel, search_set: SampleSet, budget:
 
     import torch
 
-    from .search.optimizers import study_progress
+    from .methods.optimizers import study_progress
 
     if options.optimizer == "skopt":
         raise ValueError("--n-workers needs an optuna optimizer: skopt keeps its trials in one process")

@@ -64,7 +64,7 @@ def main() -> int:
     from recipe_search.models.loading import load_model
     from recipe_search.pipeline import LoadedModel, SearchOptions, search_recipes
     from recipe_search.runtime import PruningPlan, make_rule
-    from recipe_search.search import InfeasibleBudgetError, SearchResult, search_fastv, search_fitprune, search_uniform
+    from recipe_search.methods import InfeasibleBudgetError, SearchResult, search_fastv, search_fitprune, search_uniform
 
     hf_logging.set_verbosity_error()
     model, processor, adapter = load_model(demo_checkpoint() if args.model == "demo" else args.model)

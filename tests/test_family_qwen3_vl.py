@@ -14,7 +14,7 @@ from recipe_search.hooks import CallHook, HookSet
 from recipe_search.models import get_adapter, supported_model_types
 from recipe_search.pipeline import LoadedModel
 from recipe_search.runtime import PruningHandle, PruningPlan, make_rule
-from recipe_search.search.objective import ScheduleScorer
+from recipe_search.methods.objective import ScheduleScorer
 from tiny_qwen import (LAYERS, MIXED_ROWS, PLANS, VIDEO_ROWS, calibration_file, check_cached_decode, check_cli,
                        check_load_processor, check_rows_alone, plan, qwen_inputs, qwen_processor, tiny_model)
 

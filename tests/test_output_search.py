@@ -17,9 +17,9 @@ from recipe_search.calibration import demo_samples
 from recipe_search.flops import CostModel
 from recipe_search.pipeline import LoadedModel, SearchOptions, run_workers, search_recipes, study_name
 from recipe_search.runtime import PruningHandle, PruningPlan, make_rule
-from recipe_search.search import gsearch, psigmoid
-from recipe_search.search.objective import ScheduleScorer
-from recipe_search.search.optimizers import (OptimizerError, OptunaBackend, SkoptBackend, TrialLost,
+from recipe_search.methods import gsearch, psigmoid
+from recipe_search.methods.objective import ScheduleScorer
+from recipe_search.methods.optimizers import (OptimizerError, OptunaBackend, SkoptBackend, TrialLost,
                                              default_storage, make_backend)
 
 
@@ -158,7 +158,7 @@ def test_two_workers_share_one_study(loaded, search_set, costs, tmp_path):
 
 
 def test_psigmoid_starts_earlier_only_when_the_budget_needs_it(loaded, search_set, tmp_path):
-    from recipe_search.search import InfeasibleBudgetError
+    from recipe_search.methods import InfeasibleBudgetError
 
     options = SearchOptions(n_trials=3, n_startup=2, work_dir=tmp_path, batch_size=6)
     outcome = search_recipes(loaded, search_set, [parse_budget("50%"), parse_budget("25%")], method="psigmoid",

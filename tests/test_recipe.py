@@ -12,7 +12,7 @@ from recipe_search.flops import CostModel
 from recipe_search.models import get_adapter
 from recipe_search.recipe import CalibrationRecord
 from recipe_search.recipe.build import make_recipe, model_identity
-from recipe_search.search import SearchResult
+from recipe_search.methods import SearchResult
 from tiny_models import llava_inputs, tiny_llava
 
 COUNTS = (64, 64, 40, 20, 20, 10)

@@ -9,7 +9,7 @@ from .. import __version__
 from ..budget import Budget
 from ..flops import FORMULAS, VISION_FORMULAS, CostModel, VisionCost
 from ..models import ModelAdapter
-from ..search import SearchResult
+from ..methods import SearchResult
 from .identity import model_identity  # noqa: F401  (re-exported: searches name the model they ran on)
 from .schema import (
     BudgetRecord,
