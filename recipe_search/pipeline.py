@@ -14,7 +14,8 @@ from .calibration.cache import CacheOutcome
 from .calibration import SampleSet, calibrate
 from .flops import CostModel
 from .models import ModelAdapter
-from .recipe.build import make_recipe, model_identity
+from .recipe.build import make_recipe
+from .recipe.identity import model_identity
 from .recipe.schema import CalibrationRecord, Recipe
 from .runtime.selection import make_rule
 from .methods import DEFAULT_START_LAYER, METHODS, InfeasibleBudgetError, SearchResult

@@ -11,7 +11,8 @@ from recipe_search.budget import parse_budget
 from recipe_search.flops import CostModel
 from recipe_search.models import get_adapter
 from recipe_search.recipe import CalibrationRecord
-from recipe_search.recipe.build import make_recipe, model_identity
+from recipe_search.recipe.build import make_recipe
+from recipe_search.recipe.identity import model_identity
 from recipe_search.methods import SearchResult
 from tiny_models import llava_inputs, tiny_llava
 

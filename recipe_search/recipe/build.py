@@ -10,7 +10,6 @@ from ..budget import Budget
 from ..flops import FORMULAS, VISION_FORMULAS, CostModel, VisionCost
 from ..models import ModelAdapter
 from ..methods import SearchResult
-from .identity import model_identity  # noqa: F401  (re-exported: searches name the model they ran on)
 from .schema import (
     BudgetRecord,
     CalibrationRecord,
