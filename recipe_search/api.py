@@ -95,15 +95,17 @@ def search(model: Any, data: Any, budget: str | float | Sequence[str | float] | 
     recipes; the remaining keyword options are those of the searches (`pipeline.SearchOptions`:
     start_layer, metric, tolerance, optimizer, n_trials, seed, storage, images, ...).
     """
-    from .pipeline import BUDGETLESS, SearchOptions, search_recipes
+    from .methods import METHODS
+    from .pipeline import SearchOptions, search_recipes
 
     method = method or DEFAULT_METHOD
+    budgetless = METHODS.get(method).budgetless
     known = {f.name for f in dataclasses.fields(SearchOptions)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown search option {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    budgets = [] if method in BUDGETLESS else _budgets(budget, formula)
-    if not budgets and method not in BUDGETLESS:
+    budgets = [] if budgetless else _budgets(budget, formula)
+    if not budgets and not budgetless:
         raise ValueError("give a budget, e.g. budget='50%'")
     calib = samples(data, num_samples)
     searched = samples(search_set, num_samples) if search_set is not None else None

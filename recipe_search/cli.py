@@ -64,10 +64,11 @@ def _search_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default=None,
                    help="compute budget(s), comma-separated: 50%%, 0.5 or 64tok (default: 50%%; "
                         "gsearch takes none: it finds the least cost without loss)")
-    p.add_argument("--method", default="fitprune", choices=["fitprune", "gsearch", "psigmoid", "fastv", "uniform"],
-                   help="fitprune (default; attention statistics), gsearch (greedy, least cost without loss "
-                        "on model outputs), psigmoid (sigmoid schedule tuned by Bayesian optimisation to the "
-                        "budget), or the baselines fastv (one drop at layer 2) and uniform (same count everywhere)")
+    from .methods import METHODS
+    from .methods.optimizers import OPTIMIZERS
+
+    p.add_argument("--method", default="fitprune", choices=METHODS.names(),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in (METHODS[n] for n in METHODS)))
     p.add_argument("--selector", default=None,
                    help="selection rule replacing the method's own: attention, fitprune, random, ficoco-l, dart "
                         "(in the LLM) or ficoco-v, freepruner (freePruner-style) (in the vision tower: the "
@@ -99,7 +100,7 @@ def _search_parser() -> argparse.ArgumentParser:
     g.add_argument("--metric", default="agreement", choices=["agreement", "accuracy"],
                    help="agreement with the unpruned model's answers (label-free, default) or accuracy")
     g.add_argument("--tolerance", type=float, default=0.0, help="gsearch: allowed metric drop (default: 0)")
-    g.add_argument("--optimizer", default="optuna", choices=["optuna", "optuna-gp", "skopt"],
+    g.add_argument("--optimizer", default="optuna", choices=OPTIMIZERS.names(),
                    help="psigmoid: optuna TPE (default), optuna's GP sampler, or scikit-optimize GP-EI")
     g.add_argument("--n-trials", type=int, default=48, help="psigmoid: trials in all (default: 48)")
     g.add_argument("--n-startup", type=int, default=8, help="psigmoid: random trials first (default: 8)")
@@ -394,14 +395,14 @@ def _run_search(argv: Sequence[str]) -> int:
     from .pipeline import SearchOptions, search_recipes
     from .plot import plot_history, plot_retention
     from .recipe import load_recipe, save_recipe, write_atomic
-    from .methods import DEFAULT_START_LAYER
+    from .methods import METHODS
     from .methods.psigmoid import fit_to_curve
 
     out = Path(args.out)
     warm_start = None
     if args.seed_recipe:
         seed_recipe = load_recipe(args.seed_recipe)
-        start = DEFAULT_START_LAYER["psigmoid"] if args.start_layer is None else args.start_layer
+        start = METHODS["psigmoid"].start_layer if args.start_layer is None else args.start_layer
         warm_start = fit_to_curve(seed_recipe.schedule.counts, seed_recipe.schedule.visual_tokens, start)
     # data first: a bad --calib fails in a second, before the model is loaded and evaluated
     calib_options = {"image_folder": args.image_folder, "turns": args.turns, "columns": args.columns}

@@ -142,7 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="50%,25%,12.5%", help="budgets, comma-separated (default: 50%%,25%%,12.5%%)")
     p.add_argument("--selectors", default=",".join(DEFAULT_SELECTORS),
                    help=f"selection rules, comma-separated (default: {','.join(DEFAULT_SELECTORS)})")
-    p.add_argument("--method", default="uniform", choices=["uniform", "fitprune", "fastv"],
+    from .methods import METHODS
+
+    p.add_argument("--method", default="uniform", choices=[n for n in METHODS if not METHODS[n].on_outputs],
                    help="schedule search shared by all selectors (default: uniform from layer 0, the same counts "
                         "for every rule)")
     p.add_argument("--start-layer", type=int, default=None, help="first layer that may drop (default: the method's)")

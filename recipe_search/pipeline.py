@@ -18,15 +18,13 @@ from .recipe.build import make_recipe
 from .recipe.identity import model_identity
 from .recipe.schema import CalibrationRecord, Recipe
 from .runtime.selection import make_rule
-from .methods import DEFAULT_START_LAYER, METHODS, InfeasibleBudgetError, SearchResult
+from .methods import METHODS, InfeasibleBudgetError, SearchResult
 from .methods import gsearch, psigmoid
 from .methods.objective import ScheduleScorer
-from .methods.optimizers import default_storage, make_backend
+from .methods.optimizers import default_storage, make_backend, optimizer_name
 from .selectors import apply_selector
 from .stats import CalibrationStats
 
-BUDGETLESS = ("gsearch",)   # methods that find their own cost (least cost without loss)
-OUTPUT_SEARCHES = ("gsearch", "psigmoid")  # methods that score schedules on model outputs
 
 
 @dataclass
@@ -44,7 +42,7 @@ class SearchOptions:
     start_layer: int | None = None
     metric: str = "agreement"
     tolerance: float = 0.0
-    optimizer: str = "optuna"
+    optimizer: Any = "optuna"           # a registered name (OPTIMIZERS) or an optuna sampler instance
     n_trials: int = 48
     n_startup: int = 8
     seed: int = 0
@@ -70,7 +68,7 @@ class SearchOutcome:
 def study_name(loaded: LoadedModel, search_set: SampleSet, budget: Budget, options: SearchOptions, start: int) -> str:
     """Same model, data, budget and settings -> same study, so --resume finds it."""
     key = f"{loaded.adapter.fingerprint()}:{search_set.content_hash()}:{budget.kind}:{budget.value}:{budget.formula}:" \
-          f"{options.metric}:{start}:{options.optimizer}:{options.seed}"
+          f"{options.metric}:{start}:{optimizer_name(options.optimizer)}:{options.seed}"
     return f"psigmoid-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -164,8 +162,9 @@ def _psigmoid_start(scorer: ScheduleScorer, budget: Budget, costs: CostModel, as
         psigmoid.check_feasible(scorer.visual_tokens, layers, asked, budget, costs)
         return asked
     try:
-        psigmoid.check_feasible(scorer.visual_tokens, layers, DEFAULT_START_LAYER["psigmoid"], budget, costs)
-        return DEFAULT_START_LAYER["psigmoid"]
+        default = METHODS["psigmoid"].start_layer
+        psigmoid.check_feasible(scorer.visual_tokens, layers, default, budget, costs)
+        return default
     except InfeasibleBudgetError:
         psigmoid.check_feasible(scorer.visual_tokens, layers, 1, budget, costs)  # raises, naming the budget
         return 1
@@ -180,31 +179,30 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
 
     `selector` names a selection rule that replaces the method's own in every recipe (selectors.py).
 
-    `budgets` is ignored (one recipe) for methods in BUDGETLESS. Output-scoring methods score on
-    `search_set`, by default the calibration samples.
+    `budgets` is ignored (one recipe) for budgetless methods. Methods that score on model outputs
+    score on `search_set`, by default the calibration samples.
     """
-    if method not in METHODS and method not in OUTPUT_SEARCHES:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join([*METHODS, *OUTPUT_SEARCHES])}")
+    spec = METHODS.get(method)
     stats, cached = calibrate(loaded.model, loaded.processor, loaded.adapter, data, cache_dir=cache_dir,
                               batch_size=batch_size, progress=progress)
     costs = CostModel(loaded.adapter.dims(), stats.visual_tokens, tuple(int(t) for t in stats.text_tokens))
     identity = model_identity(loaded.adapter, loaded.name_or_path)
     calib = CalibrationRecord(source=data.source, num_samples=len(data), data_hash=stats.meta["data_hash"],
                               description=f"{len(data)} samples from {data.source}, unpruned model, batch {batch_size}")
-    start = DEFAULT_START_LAYER[method] if options.start_layer is None else options.start_layer
+    start = spec.start_layer if options.start_layer is None else options.start_layer
     searched = search_set or data
-    scorer = _scorer(loaded, searched, options, costs) if method in OUTPUT_SEARCHES else None
+    scorer = _scorer(loaded, searched, options, costs) if spec.on_outputs else None
     results: list[tuple[Budget | None, SearchResult]] = []
     if method == "gsearch":
         assert scorer is not None
         results.append((None, gsearch.search_gsearch(scorer, costs, start_layer=start, tolerance=options.tolerance)))
-    for budget in ([] if method in BUDGETLESS else budgets):
+    for budget in ([] if spec.budgetless else budgets):
         assert budget is not None
         if method == "psigmoid":
             assert scorer is not None
             start = _psigmoid_start(scorer, budget, costs, options.start_layer)
             run = _psigmoid_run(loaded, searched, budget, costs, options, start, "main", scorer)
-            params = {"optimizer": options.optimizer, "n_trials": options.n_trials, "n_startup": options.n_startup,
+            params = {"optimizer": optimizer_name(options.optimizer), "n_trials": options.n_trials, "n_startup": options.n_startup,
                       "seed": options.seed, "search_set": searched.source, "search_samples": len(searched),
                       "warm_start": options.warm_start}
             started = time.perf_counter()
@@ -218,9 +216,10 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
                 run.run()
             results.append((budget, psigmoid.best_result(run, time.perf_counter() - started, params)))
         else:
-            results.append((budget, METHODS[method](stats, budget, costs, start_layer=start)))
+            assert spec.run is not None
+            results.append((budget, spec.run(stats, budget, costs, start_layer=start)))
     for _, result in results:
-        if result.method in OUTPUT_SEARCHES:
+        if spec.on_outputs:
             result.result["kendall_tau"] = stats.kendall_tau.round(3).tolist()
     recipes = [make_recipe(r, b, costs, identity, calib, images=options.images) for b, r in results]
     if selector is not None:

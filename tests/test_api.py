@@ -84,3 +84,33 @@ def test_apply_recipe_takes_a_path(tmp_path, random_demo, demo_records):
     with apply_recipe(model, recipe) as by_object:
         b = model(**inputs).logits
     assert torch.equal(a, b) and by_path.last_counts == recipe.schedule.counts
+
+
+def test_search_takes_an_optuna_sampler_instance(tmp_path, random_demo, demo_records):
+    """Users pass sampler objects, as optuna intends; the recipe records which one ran."""
+    optuna = pytest.importorskip("optuna")
+    model, processor, _ = random_demo
+    sampler = optuna.samplers.RandomSampler(seed=3)
+    (recipe,) = recipe_search.search(model, demo_records, "80%", processor=processor, method="psigmoid",
+                                     optimizer=sampler, n_trials=3, n_startup=1, work_dir=tmp_path,
+                                     cache_dir=tmp_path, progress=False)
+    assert recipe.method.params["optimizer"] == "optuna:RandomSampler"
+    assert len(recipe.method.result["history"]) == 3
+    with pytest.raises(ValueError, match="optimizer must be a name"):
+        recipe_search.search(model, demo_records, "80%", processor=processor, method="psigmoid", optimizer=42,
+                             n_trials=2, work_dir=tmp_path / "b", cache_dir=tmp_path, progress=False)
+
+
+def test_registries_refuse_duplicates_and_list_names():
+    from recipe_search.methods import METHODS, Method, register_method
+    from recipe_search.methods.optimizers import OPTIMIZERS
+    from recipe_search.runtime.selection import RULES, register
+
+    with pytest.raises(ValueError, match="search method 'fitprune' is already registered"):
+        register_method(Method("fitprune", "again", 0))
+    with pytest.raises(ValueError, match="optimizer 'skopt' is already registered"):
+        OPTIMIZERS.register("skopt", object())
+    with pytest.raises(ValueError, match="selection rule 'dart' is already registered"):
+        register(RULES["dart"])
+    with pytest.raises(ValueError, match="unknown search method 'magic'; known: fitprune, gsearch"):
+        METHODS.get("magic")

@@ -1,22 +1,48 @@
 """Search methods: turn calibration statistics or model outputs into a per-layer schedule.
 
-Statistics-based methods (`METHODS`) have the signature ``(stats, budget, costs, *, start_layer)
--> SearchResult``; the output-scoring ones (gsearch.py, psigmoid.py) take a `ScheduleScorer` and
-are driven by `recipe_search.pipeline`.
+Each method is one `Method` record in the `METHODS` registry: statistics-based ones carry their
+`run(stats, budget, costs, *, start_layer) -> SearchResult`; the output-scoring ones (G-Search,
+P-Sigmoid) score schedules with a `ScheduleScorer` and are driven by `recipe_search.pipeline`.
+The command line's choices and help come from here.
 """
+from __future__ import annotations
+
+from dataclasses import dataclass
 from typing import Callable
 
+from ..registry import Registry
 from .baselines import search_fastv, search_uniform
 from .fitprune import InfeasibleBudgetError, SearchResult, fit_schedule, search_fitprune
 
-METHODS: dict[str, Callable[..., SearchResult]] = {
-    "fitprune": search_fitprune,
-    "fastv": search_fastv,
-    "uniform": search_uniform,
-}
 
-#: The layer a method starts pruning at when the user does not say.
-DEFAULT_START_LAYER = {"fitprune": 0, "fastv": 2, "uniform": 0, "gsearch": 2, "psigmoid": 2}
+@dataclass(frozen=True)
+class Method:
+    """What the pipeline and the command line need to know about a search method."""
 
-__all__ = ["DEFAULT_START_LAYER", "METHODS", "InfeasibleBudgetError", "SearchResult", "fit_schedule",
+    name: str
+    summary: str                   # one phrase for --help
+    start_layer: int               # first layer that may drop when the user does not say
+    run: Callable[..., SearchResult] | None = None  # statistics-based methods only
+    on_outputs: bool = False       # scores schedules on what the model answers (needs a scorer)
+    budgetless: bool = False       # finds its own cost: takes no budget
+
+
+METHODS: Registry[Method] = Registry("search method")
+
+
+def register_method(method: Method) -> Method:
+    """Make `method` available to `search()`, the pipeline and `--method` (a name only once)."""
+    return METHODS.register(method.name, method)
+
+
+register_method(Method("fitprune", "FitPrune (default; attention statistics, bisection to the budget)", 0,
+                       run=search_fitprune))
+register_method(Method("gsearch", "G-Search (greedy, least cost without loss on model outputs; no budget)", 2,
+                       on_outputs=True, budgetless=True))
+register_method(Method("psigmoid", "P-Sigmoid (sigmoid schedule tuned by Bayesian optimisation to the budget)", 2,
+                       on_outputs=True))
+register_method(Method("fastv", "baseline FastV (one drop at layer 2)", 2, run=search_fastv))
+register_method(Method("uniform", "baseline uniform (the same count at every layer)", 0, run=search_uniform))
+
+__all__ = ["METHODS", "InfeasibleBudgetError", "Method", "SearchResult", "fit_schedule", "register_method",
            "search_fastv", "search_fitprune", "search_uniform"]

@@ -5,7 +5,7 @@
   one study and an interrupted run resumes with every finished trial.
 * ``skopt``: scikit-optimize's GP-EI optimiser (the model `gp_minimize` drives), with every
   evaluation appended to a JSON log that a resumed run replays; one process at a time (a lock).
-A third backend implements `Backend` and registers in `BACKENDS`.
+A third backend implements `Backend` and registers its factory in `OPTIMIZERS`.
 
 --n-trials counts finished (COMPLETE) trials only. A worker killed mid-trial (kill -9, a lost
 machine) leaves a RUNNING trial that nobody will finish: every running trial beats a heartbeat
@@ -31,7 +31,9 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from ..registry import Registry
 
 
 class OptimizerError(ValueError):
@@ -186,14 +188,16 @@ def _retry_callback(optuna: Any) -> Any:
 
 
 class OptunaBackend(Backend):
-    def __init__(self, space: Space, storage: str, study_name: str, *, sampler: str = "tpe", n_startup: int = 8,
+    def __init__(self, space: Space, storage: str, study_name: str, *, sampler: Any = "tpe", n_startup: int = 8,
                  seed: int = 0, resume: bool = False, heartbeat: tuple[int, int] | None = None,
                  worker: str = "") -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.optuna = optuna
-        if sampler == "tpe":
+        if isinstance(sampler, optuna.samplers.BaseSampler):
+            chosen = sampler  # the user's own sampler instance, as optuna intends
+        elif sampler == "tpe":
             chosen = optuna.samplers.TPESampler(n_startup_trials=n_startup, seed=seed)
         elif sampler == "gp":
             chosen = optuna.samplers.GPSampler(n_startup_trials=n_startup, seed=seed)
@@ -504,17 +508,48 @@ def _lock_exclusively(path: Path) -> Any:
     return handle
 
 
-BACKENDS = ("optuna", "optuna-gp", "skopt")
+def _optuna(kind: str) -> Callable[..., Backend]:
+    def make(space: Space, *, storage: str, study_name: str, log_path: Path, n_startup: int, seed: int,
+             resume: bool, worker: str = "") -> Backend:
+        return OptunaBackend(space, storage, study_name, sampler=kind, n_startup=n_startup, seed=seed, resume=resume,
+                             worker=worker)
+    return make
 
 
-def make_backend(name: str, space: Space, *, storage: str, study_name: str, log_path: Path, n_startup: int,
+def _skopt(space: Space, *, storage: str, study_name: str, log_path: Path, n_startup: int, seed: int,
+           resume: bool, worker: str = "") -> Backend:
+    return SkoptBackend(space, log_path, n_startup=n_startup, seed=seed, resume=resume)
+
+
+#: Optimiser name -> backend factory. Register another with `OPTIMIZERS.register(name, factory)`.
+OPTIMIZERS: Registry[Callable[..., Backend]] = Registry("optimizer")
+OPTIMIZERS.register("optuna", _optuna("tpe"))
+OPTIMIZERS.register("optuna-gp", _optuna("gp"))
+OPTIMIZERS.register("skopt", _skopt)
+
+
+def optimizer_name(optimizer: Any) -> str:
+    """How recipes and study names record an optimiser: its registered name, or an optuna sampler's class."""
+    return optimizer if isinstance(optimizer, str) else f"optuna:{type(optimizer).__name__}"
+
+
+def make_backend(optimizer: Any, space: Space, *, storage: str, study_name: str, log_path: Path, n_startup: int,
                  seed: int, resume: bool, worker: str = "") -> Backend:
-    if name in ("optuna", "optuna-gp"):
-        return OptunaBackend(space, storage, study_name, sampler="gp" if name == "optuna-gp" else "tpe",
-                             n_startup=n_startup, seed=seed, resume=resume, worker=worker)
-    if name == "skopt":
-        return SkoptBackend(space, log_path, n_startup=n_startup, seed=seed, resume=resume)
-    raise OptimizerError(f"unknown optimizer {name!r}; choose from {', '.join(BACKENDS)}")
+    """The backend for a registered optimiser name, or for an optuna sampler instance (used as given)."""
+    if not isinstance(optimizer, str):
+        import optuna
+
+        if not isinstance(optimizer, optuna.samplers.BaseSampler):
+            raise OptimizerError(f"optimizer must be a name ({', '.join(OPTIMIZERS.names())}) or an optuna sampler, "
+                                 f"not {type(optimizer).__name__}")
+        return OptunaBackend(space, storage, study_name, sampler=optimizer, n_startup=n_startup, seed=seed,
+                             resume=resume, worker=worker)
+    try:
+        factory = OPTIMIZERS.get(optimizer)
+    except ValueError as exc:
+        raise OptimizerError(str(exc)) from None
+    return factory(space, storage=storage, study_name=study_name, log_path=log_path, n_startup=n_startup,
+                   seed=seed, resume=resume, worker=worker)
 
 
 def default_storage(folder: Path, stem: str) -> str:

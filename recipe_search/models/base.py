@@ -26,6 +26,7 @@ from PIL import Image
 from torch import nn
 
 from ..hooks import ModelHook
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -397,7 +398,7 @@ class UnsupportedModelError(ValueError):
     pass
 
 
-_FAMILIES: dict[str, type[ModelAdapter]] = {}
+_FAMILIES: Registry[type[ModelAdapter]] = Registry("model type")
 
 
 def register_family(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
@@ -408,17 +409,17 @@ def register_family(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
         if model_type in _FAMILIES:
             raise ValueError(f"model type {model_type!r} is already handled by {_FAMILIES[model_type].__name__}")
     for model_type in adapter.model_types:
-        _FAMILIES[model_type] = adapter
+        _FAMILIES.register(model_type, adapter)
     return adapter
 
 
 def families() -> dict[str, type[ModelAdapter]]:
     """model_type -> adapter class, in registration order."""
-    return dict(_FAMILIES)
+    return dict(_FAMILIES.items())
 
 
 def supported_model_types() -> list[str]:
-    return list(_FAMILIES)
+    return _FAMILIES.names()
 
 
 def adapter_class(model_type: str | None) -> type[ModelAdapter]:

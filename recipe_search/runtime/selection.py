@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..models.base import ModelAdapter
+from ..registry import Registry
 
 
 @dataclass
@@ -144,13 +145,13 @@ class SelectionRule(ABC):
         """Keep `k` of the live visual tokens of every row (k < live)."""
 
 
-RULES: dict[str, type[SelectionRule]] = {}
+RULES: Registry[type[SelectionRule]] = Registry("selection rule")
 
 
 def register(rule: type[SelectionRule]) -> type[SelectionRule]:
-    """Class decorator: make a rule available by its name to recipes and the command line."""
-    RULES[rule.name] = rule
-    return rule
+    """Class decorator: make a rule available by its name to recipes and the command line
+    (a name registered twice is refused)."""
+    return RULES.register(rule.name, rule)
 
 
 class ScoringRule(SelectionRule):
@@ -247,10 +248,8 @@ class RandomRule(ScoringRule):
 
 def make_rule(name: str, params: dict[str, Any] | None = None) -> SelectionRule:
     """Build a registered rule; a one-line error names the known ones or the bad parameter."""
-    if name not in RULES:
-        raise ValueError(f"unknown selection rule {name!r}; known: {', '.join(sorted(RULES))}")
     try:
-        return RULES[name](**(params or {}))
+        return RULES.get(name)(**(params or {}))
     except TypeError as exc:
         raise ValueError(f"selection rule {name!r}: bad parameters {params!r} ({exc})") from None
 
