@@ -114,5 +114,5 @@ def search(model: Any, data: Any, budget: str | float | Sequence[str | float] | 
                              search_set=searched,
                              model_source=checkpoint_path(model) if isinstance(model, (str, Path)) else None,
                              cache_dir=Path(cache_dir) if cache_dir else None, batch_size=batch_size,
-                             progress=progress, selector=rule)
+                             progress=progress, rule=rule)
     return outcome.recipes

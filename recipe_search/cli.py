@@ -17,8 +17,8 @@ examples:
   search-recipe --model ./llava-1.5-7b-hf --calib calib.jsonl --budget 40%
   search-recipe plot out/*.json --out curves.png
   search-recipe eval out/demo-fitprune-50pct.json      accuracy and prefill time of an existing recipe
-  search-recipe --budget 25% --selector ficoco-l        any method, another selection rule (recorded)
-  search-recipe compare --budget 50%,25%,12.5%          every selector x budget: table + Pareto plot
+  search-recipe --budget 25% --rule ficoco-l        any method, another selection rule (recorded)
+  search-recipe compare --budget 50%,25%,12.5%          every rule x budget: table + Pareto plot
   search-recipe --config search.yaml --budget 25%       options from YAML (flags win); every run writes
                                                         OUT/search.yaml, which reproduces it
   search-recipe --print-config                          the options (defaults, file, flags) as YAML
@@ -69,7 +69,7 @@ def _search_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--method", default="fitprune", choices=METHODS.names(),
                    help="; ".join(f"{m.name}: {m.summary}" for m in (METHODS[n] for n in METHODS)))
-    p.add_argument("--selector", default=None,
+    p.add_argument("--rule", default=None,
                    help="selection rule replacing the method's own: attention, fitprune, random, ficoco-l, dart "
                         "(in the LLM) or ficoco-v, freepruner (freePruner-style) (in the vision tower: the "
                         "schedule's first cut happens before the LLM); recorded in the recipe")
@@ -386,10 +386,10 @@ def _run_search(argv: Sequence[str]) -> int:
     check_writable(args.out, args.plot)
     if not 0 <= args.tolerance < 1:
         raise ValueError(f"--tolerance must be in [0, 1), got {args.tolerance}")
-    if args.selector is not None:
+    if args.rule is not None:
         from .runtime.selection import make_rule
 
-        make_rule(args.selector)
+        make_rule(args.rule)
 
     from .calibration import load_samples
     from .pipeline import SearchOptions, search_recipes
@@ -419,10 +419,10 @@ def _run_search(argv: Sequence[str]) -> int:
         )
         outcome = search_recipes(loaded, calib, budgets, method=args.method, options=options, search_set=search_set,
                                  model_source=session.source, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                                 batch_size=args.batch_size, progress=not args.quiet, selector=args.selector)
+                                 batch_size=args.batch_size, progress=not args.quiet, rule=args.rule)
     name = Path(loaded.name_or_path).name or "model"
-    if args.selector:
-        name = f"{name}-{args.selector}"
+    if args.rule:
+        name = f"{name}-{args.rule}"
     paths = [save_recipe(r, out / f"{name}-{args.method}-{_budget_slug(r.budget.asked) if r.budget.kind != 'none' else 'least-cost'}.json")
              for r in outcome.recipes]
     write_atomic(out / "search.yaml", resolved_config(args).encode())

@@ -1,8 +1,8 @@
 """`search-recipe compare`: every selection rule x every budget on one model, in one run.
 
 One calibration pass and one schedule search per budget (by default `uniform` from layer 0, so
-every rule, LLM-side or vision-side, faces the very same per-layer counts); then each selector is
-put into each recipe (selectors.py) and measured: held-out accuracy, LM prefill FLOPs under both
+every rule, LLM-side or vision-side, faces the very same per-layer counts); then each rule is
+put into each recipe (rules.py) and measured: held-out accuracy, LM prefill FLOPs under both
 formulas, the vision encoder's FLOPs, and prefill wall-clock. Prints a Markdown table and draws
 accuracy against FLOPs (LM full + vision encoder when the tower is known) with the unpruned
 point and the Pareto front.
@@ -18,16 +18,16 @@ from .flops import CostModel, VisionCost
 from .recipe.build import vision_shares
 from .recipe.schema import Recipe
 
-DEFAULT_SELECTORS = ("attention", "fitprune", "random", "dart", "ficoco-l", "ficoco-v", "freepruner")
+DEFAULT_RULES = ("attention", "fitprune", "random", "dart", "ficoco-l", "ficoco-v", "freepruner")
 
 
 @dataclass(frozen=True)
 class CompareRow:
-    """One selector on one budget's schedule, as measured."""
+    """One rule on one budget's schedule, as measured."""
 
     method: str                     # the schedule search
     budget: str
-    selector: str
+    rule: str
     stage: str                      # "llm" or "vision" (pre-LLM)
     mean_tokens: float
     full: float                     # LM prefill FLOPs share, full sequence
@@ -43,15 +43,15 @@ class CompareRow:
         return self.full_with_vision if self.full_with_vision is not None else self.full
 
 
-def measure(loaded: Any, recipe: Recipe, selector: str, costs: CostModel, held_out: Any, timing: Any,
+def measure(loaded: Any, recipe: Recipe, rule: str, costs: CostModel, held_out: Any, timing: Any,
             batch_size: int = 16, progress: bool = False) -> CompareRow:
-    """Apply `selector` to `recipe` and measure accuracy (if `held_out`), FLOPs and prefill time."""
+    """Apply `rule` to `recipe` and measure accuracy (if `held_out`), FLOPs and prefill time."""
     from .eval import accuracy, greedy_answers, prefill_seconds
     from .runtime.apply import plan_from_recipe
-    from .selectors import apply_selector
+    from .recipe.rules import with_rule
 
     adapter = loaded.adapter
-    chosen = apply_selector(recipe, adapter, costs, selector)
+    chosen = with_rule(recipe, adapter, costs, rule)
     plan = plan_from_recipe(chosen)
     counts = chosen.schedule.counts
     try:
@@ -64,17 +64,17 @@ def measure(loaded: Any, recipe: Recipe, selector: str, costs: CostModel, held_o
     acc = None
     if held_out is not None:
         answers = greedy_answers(loaded.model, loaded.processor, adapter, held_out, plan, batch_size=batch_size,
-                                 progress=progress, desc=f"{selector} {recipe.budget.asked}")
+                                 progress=progress, desc=f"{rule} {recipe.budget.asked}")
         acc = accuracy(answers, held_out).overall
     seconds = prefill_seconds(loaded.model, loaded.processor, adapter, timing, plan)
-    return CompareRow(recipe.method.name, recipe.budget.asked, label(selector), "vision" if chosen.vision is not None else "llm",
+    return CompareRow(recipe.method.name, recipe.budget.asked, label(rule), "vision" if chosen.vision is not None else "llm",
                       costs.mean_tokens(counts), costs.fraction(counts, "full"), costs.fraction(counts, "visual"),
                       shares["vision_encoder"], shares["full_with_vision"], acc, seconds * 1000)
 
 
-def label(selector: str) -> str:
+def label(rule: str) -> str:
     """How outputs name a rule: our freePruner design is never presented as the paper's method."""
-    return "freepruner (freePruner-style)" if selector == "freepruner" else selector
+    return "freepruner (freePruner-style)" if rule == "freepruner" else rule
 
 
 def _pct(value: float | None) -> str:
@@ -83,13 +83,13 @@ def _pct(value: float | None) -> str:
 
 def table(rows: Sequence[CompareRow], base_accuracy: float | None, base_ms: float) -> str:
     """Markdown table, unpruned first."""
-    lines = ["| schedule | budget | selector | where | kept/layer | LM full | LM visual | vision enc. | LM+vision "
+    lines = ["| schedule | budget | rule | where | kept/layer | LM full | LM visual | vision enc. | LM+vision "
              "| accuracy | of unpruned | prefill ms | speed-up |", "|" + "---|" * 13]
     lines.append(f"| - | - | unpruned | - | all | 100.0% | 100.0% | 100.0% | 100.0% | {_pct(base_accuracy)} | 100.0% "
                  f"| {base_ms:.1f} | 1.00x |")
     for r in rows:
         kept = "n/a" if r.accuracy is None or not base_accuracy else f"{r.accuracy / base_accuracy:.1%}"
-        lines.append(f"| {r.method} | {r.budget} | {r.selector} | {'pre-LLM' if r.stage == 'vision' else 'LLM'} "
+        lines.append(f"| {r.method} | {r.budget} | {r.rule} | {'pre-LLM' if r.stage == 'vision' else 'LLM'} "
                      f"| {r.mean_tokens:.1f} | {r.full:.1%} | {r.visual:.1%} | {_pct(r.vision_encoder)} "
                      f"| {_pct(r.full_with_vision)} | {_pct(r.accuracy)} | {kept} | {r.prefill_ms:.1f} "
                      f"| {base_ms / r.prefill_ms:.2f}x |")
@@ -106,19 +106,19 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
 
 
 def plot_pareto(rows: Sequence[CompareRow], base_accuracy: float, path: str | Path, title: str) -> Path:
-    """Accuracy against FLOPs share, one marker series per selector, unpruned point, Pareto front."""
+    """Accuracy against FLOPs share, one marker series per rule, unpruned point, Pareto front."""
     from .plot import _save, plt
 
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     methods = list(dict.fromkeys(r.method for r in rows))
-    selectors = list(dict.fromkeys(r.selector for r in rows))
-    for method, selector in dict.fromkeys((r.method, r.selector) for r in rows):
-        mine = sorted((r for r in rows if (r.method, r.selector) == (method, selector) and r.accuracy is not None),
+    rules = list(dict.fromkeys(r.rule for r in rows))
+    for method, rule in dict.fromkeys((r.method, r.rule) for r in rows):
+        mine = sorted((r for r in rows if (r.method, r.rule) == (method, rule) and r.accuracy is not None),
                       key=lambda r: r.flops)
         where = "pre-LLM" if mine[0].stage == "vision" else "LLM"
         ax.plot([r.flops for r in mine], [r.accuracy for r in mine], marker="o" if where == "LLM" else "s",
-                color=f"C{selectors.index(selector) % 10}", linestyle=("-", "--", ":", "-.")[methods.index(method) % 4],
-                linewidth=1, label=f"{selector} ({where}{', ' + method + ' schedule' if len(methods) > 1 else ''})")
+                color=f"C{rules.index(rule) % 10}", linestyle=("-", "--", ":", "-.")[methods.index(method) % 4],
+                linewidth=1, label=f"{rule} ({where}{', ' + method + ' schedule' if len(methods) > 1 else ''})")
     ax.scatter([1.0], [base_accuracy], marker="*", s=160, color="black", zorder=5, label="unpruned")
     front = pareto_front([(r.flops, r.accuracy) for r in rows if r.accuracy is not None] + [(1.0, base_accuracy)])
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", linestyle="--",
@@ -140,12 +140,12 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Every selection rule x every budget on one model, in one run: "
                                             "a table of accuracy, FLOPs and prefill time, and a Pareto plot.")
     p.add_argument("--budget", default="50%,25%,12.5%", help="budgets, comma-separated (default: 50%%,25%%,12.5%%)")
-    p.add_argument("--selectors", default=",".join(DEFAULT_SELECTORS),
-                   help=f"selection rules, comma-separated (default: {','.join(DEFAULT_SELECTORS)})")
+    p.add_argument("--rules", default=",".join(DEFAULT_RULES),
+                   help=f"selection rules, comma-separated (default: {','.join(DEFAULT_RULES)})")
     from .methods import METHODS
 
     p.add_argument("--method", default="uniform", choices=[n for n in METHODS if not METHODS[n].on_outputs],
-                   help="schedule search shared by all selectors (default: uniform from layer 0, the same counts "
+                   help="schedule search shared by all rules (default: uniform from layer 0, the same counts "
                         "for every rule)")
     p.add_argument("--start-layer", type=int, default=None, help="first layer that may drop (default: the method's)")
     p.add_argument("--formula", default="full", choices=["full", "visual"], help="FLOPs formula of the budgets")
@@ -165,10 +165,10 @@ def run_compare(argv: Sequence[str]) -> int:
 
     args = _parser().parse_args(argv)
     budgets = parse_budgets(args.budget, args.formula)
-    selectors = [s.strip() for s in args.selectors.split(",") if s.strip()]
-    if not selectors:
-        raise ValueError("--selectors: give at least one selection rule")
-    for name in selectors:
+    rules = [s.strip() for s in args.rules.split(",") if s.strip()]
+    if not rules:
+        raise ValueError("--rules: give at least one selection rule")
+    for name in rules:
         make_rule(name)
     _check_positive(num_samples=args.num_samples, eval_samples=args.eval_samples, batch_size=args.batch_size)
     _check_start_layer(args.start_layer)
@@ -184,19 +184,19 @@ def run_compare(argv: Sequence[str]) -> int:
                              options=SearchOptions(start_layer=args.start_layer),
                              cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                              batch_size=args.batch_size, progress=not args.quiet)
-    rows = [measure(loaded, recipe, selector, outcome.costs, session.held_out, session.timing,
+    rows = [measure(loaded, recipe, rule, outcome.costs, session.held_out, session.timing,
                     batch_size=args.batch_size, progress=not args.quiet)
-            for recipe in outcome.recipes for selector in selectors]
+            for recipe in outcome.recipes for rule in rules]
     session.header()
     print(f"schedules: {args.method} (visual tokens entering each layer) "
           + "; ".join(f"{r.budget.asked}: {r.schedule.counts}" for r in outcome.recipes))
-    print("pre-LLM selectors make the schedule's first cut inside the vision tower; LLM selectors drop in the "
+    print("pre-LLM rules make the schedule's first cut inside the vision tower; LLM rules drop in the "
           f"decoder. Prefill: best of 5, batch {len(session.timing)}.\n")
     base_acc = session.base_acc.overall if session.base_acc is not None else None
     print(table(rows, base_acc, session.base_seconds * 1000))
     if base_acc is not None:
         name = Path(loaded.name_or_path).name or "model"
         path = plot_pareto(rows, base_acc, args.plot or Path(args.out) / f"{name}-compare-pareto.png",
-                           f"{name}: selectors x budgets ({args.method} schedules)")
+                           f"{name}: rules x budgets ({args.method} schedules)")
         print(f"\nPareto plot: {path}")
     return 0

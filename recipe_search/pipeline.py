@@ -22,7 +22,7 @@ from .methods import METHODS, InfeasibleBudgetError, SearchResult
 from .methods import gsearch, psigmoid
 from .methods.objective import ScheduleScorer
 from .methods.optimizers import default_storage, make_backend, optimizer_name
-from .selectors import apply_selector
+from .recipe.rules import with_rule
 from .stats import CalibrationStats
 
 
@@ -174,10 +174,10 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
                    method: str = "fitprune", options: SearchOptions = SearchOptions(),
                    search_set: SampleSet | None = None, model_source: str | None = None,
                    cache_dir: Path | None = None, batch_size: int = 8, progress: bool = True,
-                   selector: str | None = None) -> SearchOutcome:
+                   rule: str | None = None) -> SearchOutcome:
     """One calibration pass (or cache hit), then one search and one recipe per budget.
 
-    `selector` names a selection rule that replaces the method's own in every recipe (selectors.py).
+    `rule` names a selection rule that replaces the method's own in every recipe (rules.py).
 
     `budgets` is ignored (one recipe) for budgetless methods. Methods that score on model outputs
     score on `search_set`, by default the calibration samples.
@@ -222,6 +222,6 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
         if spec.on_outputs:
             result.result["kendall_tau"] = stats.kendall_tau.round(3).tolist()
     recipes = [make_recipe(r, b, costs, identity, calib, images=options.images) for b, r in results]
-    if selector is not None:
-        recipes = [apply_selector(r, loaded.adapter, costs, selector) for r in recipes]
+    if rule is not None:
+        recipes = [with_rule(r, loaded.adapter, costs, rule) for r in recipes]
     return SearchOutcome(stats, cached, costs, recipes, [r for _, r in results])

@@ -23,7 +23,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
-            raise ValueError(f"unknown {self.concept} {name!r}; known: {', '.join(self._items)}")
+            raise ValueError(f"unknown {self.concept} {name!r}; known: {', '.join(sorted(self._items))}")
         return self._items[name]
 
     def names(self) -> list[str]:

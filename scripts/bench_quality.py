@@ -11,7 +11,7 @@ For each FLOPs budget (share of the LM's full-sequence prefill FLOPs, recipe_sea
   random@fitprune  the FitPrune schedule with uniformly random selection (seeded)
 and once, without a budget:
   gsearch          greedy least cost with no loss of agreement on the calibration samples
-then selection rules x budgets (recipe_search/compare.py): every selector (attention, fitprune,
+then selection rules x budgets (recipe_search/compare.py): every rule (attention, fitprune,
 random, dart, ficoco-l in the LLM; ficoco-v, freepruner (freePruner-style) before the LLM) on the
 uniform-from-layer-0 schedule (the same counts for every rule) and on the FitPrune schedule
 (vision-side rules make its first cut before the LLM), with FLOPs under both LM formulas, the vision
@@ -22,8 +22,8 @@ equal to the unpruned model's; prefill is the best of 5 wall-clock forwards of o
 shared by all, is printed once). Prints a Markdown table.
 
     python scripts/bench_quality.py [--eval-samples 1000] [--budgets 50%,25%,12.5%] [--trials 48]
-                                    [--selector-methods uniform,fitprune] [--pareto bench-pareto.png]
-                                    [--selectors-only]
+                                    [--rule-methods uniform,fitprune] [--pareto bench-pareto.png]
+                                    [--rules-only]
 """
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=48, help="P-Sigmoid trials per budget")
     parser.add_argument("--model", default="demo", help="'demo' or a local checkpoint of the demo architecture")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("RECIPE_SEARCH_THREADS", "1")))
-    parser.add_argument("--selector-methods", default="uniform,fitprune",
-                        help="schedules the selector x budget section runs on")
-    parser.add_argument("--pareto", default="bench-pareto.png", help="PNG of the selector section's Pareto plot")
-    parser.add_argument("--selectors-only", action="store_true", help="only the selector x budget section")
+    parser.add_argument("--rule-methods", default="uniform,fitprune",
+                        help="schedules the rule x budget section runs on")
+    parser.add_argument("--pareto", default="bench-pareto.png", help="PNG of the rule section's Pareto plot")
+    parser.add_argument("--rules-only", action="store_true", help="only the rule x budget section")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -104,7 +104,7 @@ def main() -> int:
           f"unpruned accuracy {base.overall:.1%} ({', '.join(f'{k} {v:.1%}' for k, v in base.per_type.items())}); "
           f"unpruned prefill {base_ms:.1f} ms; calibration ({len(calib)} samples) {calib_seconds:.1f} s; "
           f"torch threads {torch.get_num_threads()}\n")
-    if not args.selectors_only:
+    if not args.rules_only:
         print(header)
         print("|" + "---|" * (header.count("|") - 1))
 
@@ -122,7 +122,7 @@ def main() -> int:
               f"| {ms:.1f} | {base_ms / ms:.2f}x | {result.seconds:.2f} |", flush=True)
 
     schedules: dict[str, list[int]] = {}
-    for budget in ([] if args.selectors_only else budgets):
+    for budget in ([] if args.rules_only else budgets):
         fit = search_fitprune(stats, budget, costs)
         schedules[f"fitprune {budget.text}"] = list(fit.counts)
         row(budget.text, "fitprune", fit)
@@ -136,7 +136,7 @@ def main() -> int:
                                                    for k in (2, 1)]))
         row(budget.text, "uniform", search_uniform(stats, budget, costs))
         row(budget.text, "random@fitprune", replace(fit, rule="random", rule_params={"seed": 0}, seconds=0.0))
-    if not args.selectors_only:
+    if not args.rules_only:
         gs = output_search("gsearch", None, 2)
         schedules["gsearch"] = list(gs.counts)
         row("none", "gsearch (least cost)", gs)
@@ -145,19 +145,19 @@ def main() -> int:
         print(f"G-Search: {gs.result['evaluations']} schedule evaluations, {gs.result['layers_run']} decoder-layer "
               f"batch runs thanks to prefix reuse (no reuse: {gs.result['evaluations'] * adapter.dims().num_layers * -(-len(calib) // 16)})")
 
-    from recipe_search.compare import DEFAULT_SELECTORS, measure, plot_pareto, table
+    from recipe_search.compare import DEFAULT_RULES, measure, plot_pareto, table
 
     rows = []
-    for method in args.selector_methods.split(","):
+    for method in args.rule_methods.split(","):
         recipes = search_recipes(loaded, calib, budgets, method=method, cache_dir=work / "cache", progress=False).recipes
-        rows += [measure(loaded, recipe, selector, costs, held_out, timing) for recipe in recipes
-                 for selector in DEFAULT_SELECTORS]
+        rows += [measure(loaded, recipe, rule, costs, held_out, timing) for recipe in recipes
+                 for rule in DEFAULT_RULES]
         print(f"\n{method} schedules: " + "; ".join(f"{r.budget.asked}: {r.schedule.counts}" for r in recipes),
               flush=True)
     print("\nSelection rules x budgets (LM full/visual: LM prefill FLOPs share; vision enc.: vision encoder + "
           "projector share; LM+vision: both together; pre-LLM rules make the schedule's first cut in the tower):\n")
     print(table(rows, base.overall, base_ms))
-    print(f"\nPareto plot: {plot_pareto(rows, base.overall, args.pareto, 'demo model: selectors x budgets')}")
+    print(f"\nPareto plot: {plot_pareto(rows, base.overall, args.pareto, 'demo model: rules x budgets')}")
     return 0
 
 

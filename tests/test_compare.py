@@ -1,4 +1,4 @@
-"""`--selector` for the main search and the `compare` subcommand, end to end on the random demo model."""
+"""`--rule` for the main search and the `compare` subcommand, end to end on the random demo model."""
 import pytest
 
 from recipe_search import load_recipe
@@ -11,27 +11,27 @@ def _common(folder, tmp_path):
             "--cache-dir", str(tmp_path / "cache"), "--quiet"]
 
 
-@pytest.mark.parametrize("method,selector,budget", [("fitprune", "ficoco-l", "25%"), ("uniform", "freepruner", "25%"),
+@pytest.mark.parametrize("method,rule,budget", [("fitprune", "ficoco-l", "25%"), ("uniform", "freepruner", "25%"),
                                                     ("fastv", "dart", "60%")])
-def test_selector_overrides_the_rule_and_is_recorded(random_checkpoint, tmp_path, capsys, method, selector, budget):
-    argv = ["--budget", budget, "--method", method, "--selector", selector, "--out", str(tmp_path / "out")]
+def test_rule_overrides_the_rule_and_is_recorded(random_checkpoint, tmp_path, capsys, method, rule, budget):
+    argv = ["--budget", budget, "--method", method, "--rule", rule, "--out", str(tmp_path / "out")]
     assert main(argv + _common(random_checkpoint, tmp_path)) == 0
     out = capsys.readouterr().out
     (path,) = (tmp_path / "out").glob("*.json")
     recipe = load_recipe(path)
-    assert selector in path.name and recipe.method.name == method
-    if selector == "freepruner":
+    assert rule in path.name and recipe.method.name == method
+    if rule == "freepruner":
         assert recipe.vision.rule == "freepruner" and recipe.schedule.counts[0] < 144
         assert "pre-LLM stage: freepruner keeps" in out and "vision encoder FLOPs" in out
     else:
-        assert recipe.selection.rule == selector and recipe.selection.score_layer == "same"
+        assert recipe.selection.rule == rule and recipe.selection.score_layer == "same"
     assert recipe.method.result["searched_with_rule"] in ("fitprune", "attention")
     assert "held-out accuracy" in out
 
 
-def test_compare_runs_selectors_by_budgets(random_checkpoint, tmp_path, capsys):
+def test_compare_runs_rules_by_budgets(random_checkpoint, tmp_path, capsys):
     png = tmp_path / "pareto.png"
-    argv = ["compare", "--budget", "50%,25%", "--selectors", "attention,ficoco-l,dart,ficoco-v,freepruner",
+    argv = ["compare", "--budget", "50%,25%", "--rules", "attention,ficoco-l,dart,ficoco-v,freepruner",
             "--plot", str(png)]
     assert main(argv + _common(random_checkpoint, tmp_path)) == 0
     out = capsys.readouterr().out
@@ -41,8 +41,8 @@ def test_compare_runs_selectors_by_budgets(random_checkpoint, tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
-def test_compare_rejects_unknown_selector(capsys):
-    assert main(["compare", "--selectors", "attention,best"]) == 2
+def test_compare_rejects_unknown_rule(capsys):
+    assert main(["compare", "--rules", "attention,best"]) == 2
     err = capsys.readouterr().err
     assert "unknown selection rule 'best'" in err and err.count("\n") == 1
 

@@ -184,7 +184,7 @@ def _counts(d, counts, n=64):
     (lambda d: d["budget"]["achieved"].update(full=-0.1), "budget.achieved.full: -0.1 is negative"),
 ])
 def test_recipes_that_cannot_apply_do_not_load(tmp_path, llava_sdpa, change, message):
-    from test_recipe_selectors import _selected
+    from test_recipe_rules import _selected
 
     path = save_recipe(_selected(llava_sdpa, "freepruner", (32, 32, 20, 20, 10, 10)), tmp_path / "r.json")
     with pytest.raises(RecipeError, match=message) as err:
@@ -195,7 +195,7 @@ def test_recipes_that_cannot_apply_do_not_load(tmp_path, llava_sdpa, change, mes
 def test_apply_refuses_what_only_the_model_can_tell(tmp_path, llava_sdpa):
     from dataclasses import replace
 
-    from test_recipe_selectors import _selected
+    from test_recipe_rules import _selected
 
     staged = _selected(llava_sdpa, "freepruner")
     path = _edit(save_recipe(staged, tmp_path / "v.json"), lambda d: d["vision"].update(encoder_layer=10**9))

@@ -1,4 +1,4 @@
-"""Selectors in recipes: format 2's vision section, strict loading, vision FLOPs, applying the result."""
+"""Rules in recipes: format 2's vision section, strict loading, vision FLOPs, applying the result."""
 import json
 
 import pytest
@@ -7,7 +7,7 @@ from recipe_search import RecipeError, apply_recipe, load_recipe, save_recipe
 from recipe_search.flops import CostModel, VisionCost
 from recipe_search.models import get_adapter
 from recipe_search.models.base import VisionLayout
-from recipe_search.selectors import apply_selector
+from recipe_search.recipe.rules import with_rule
 from test_recipe import _recipe
 from tiny_models import llava_inputs, tiny_qwen2_vl
 
@@ -19,17 +19,17 @@ def _costs(model):
 
 
 def _selected(model, name, counts=COUNTS):
-    return apply_selector(_recipe(model, counts), get_adapter(model), _costs(model), name)
+    return with_rule(_recipe(model, counts), get_adapter(model), _costs(model), name)
 
 
-def test_llm_selector_replaces_the_rule_and_records_the_search_rule(llava_sdpa):
+def test_llm_rule_replaces_the_rule_and_records_the_search_rule(llava_sdpa):
     recipe = _selected(llava_sdpa, "ficoco-l")
     assert recipe.selection.rule == "ficoco-l" and recipe.selection.params["merge"] == "normalised"
     assert recipe.method.result["searched_with_rule"] == "fitprune"
     assert recipe.vision is None and "vision_encoder" not in recipe.budget.achieved
 
 
-def test_vision_selector_round_trips_and_applies(tmp_path, llava_sdpa):
+def test_vision_rule_round_trips_and_applies(tmp_path, llava_sdpa):
     recipe = _selected(llava_sdpa, "ficoco-v")
     assert recipe.vision.rule == "ficoco-v" and recipe.vision.encoder_layer == 1
     assert recipe.selection.rule == "fitprune"  # later drops keep the method's rule
@@ -76,7 +76,7 @@ def _edit(path, change):
     (lambda d: d["vision"].pop("encoder_layer"), "vision.encoder_layer: missing field"),
     (lambda d: d.update(format_version=1), "vision: unknown field in format_version 1"),
 ])
-def test_bad_selector_fields_are_one_line(tmp_path, llava_sdpa, change, message):
+def test_bad_rule_fields_are_one_line(tmp_path, llava_sdpa, change, message):
     path = _edit(save_recipe(_selected(llava_sdpa, "ficoco-v"), tmp_path / "v.json"), change)
     with pytest.raises(RecipeError, match=message.replace("(", r"\(")) as err:
         load_recipe(path)
@@ -93,31 +93,31 @@ def test_format_1_recipes_still_load(tmp_path, llava_sdpa):
     assert recipe.vision is None and recipe.format_version == 2  # upgraded when saved again
 
 
-def test_unknown_selector_and_unsupported_tower_are_one_line(llava_sdpa):
+def test_unknown_rule_and_unsupported_tower_are_one_line(llava_sdpa):
     with pytest.raises(ValueError, match="unknown selection rule 'fastest'; known: attention, dart"):
         _selected(llava_sdpa, "fastest")
     qwen = get_adapter(tiny_qwen2_vl())
     with pytest.raises(ValueError, match="not supported for the qwen2_vl family"):
-        apply_selector(_recipe(llava_sdpa), qwen, CostModel(qwen.dims(), 16, (5,)), "ficoco-v")
+        with_rule(_recipe(llava_sdpa), qwen, CostModel(qwen.dims(), 16, (5,)), "ficoco-v")
 
 
 def test_earlier_encoder_layer_saves_more_vision_flops(llava_sdpa):
     adapter, costs = get_adapter(llava_sdpa), _costs(llava_sdpa)
-    late = apply_selector(_recipe(llava_sdpa, COUNTS), adapter, costs, "freepruner")
-    early = apply_selector(_recipe(llava_sdpa, COUNTS), adapter, costs, "freepruner", encoder_layer=0)
+    late = with_rule(_recipe(llava_sdpa, COUNTS), adapter, costs, "freepruner")
+    early = with_rule(_recipe(llava_sdpa, COUNTS), adapter, costs, "freepruner", encoder_layer=0)
     assert early.vision.encoder_layer == 0 and late.vision.encoder_layer == 1
     assert early.budget.achieved["vision_encoder"] < late.budget.achieved["vision_encoder"] < 1
     with apply_recipe(llava_sdpa, early) as handle:
         llava_sdpa(**llava_inputs([[11, 12]]))
         assert handle.last_counts == list(COUNTS)
     with pytest.raises(ValueError, match=r"vision encoder_layer must be in \[0, 1\]"):
-        apply_selector(_recipe(llava_sdpa, COUNTS), adapter, costs, "freepruner", encoder_layer=2)
+        with_rule(_recipe(llava_sdpa, COUNTS), adapter, costs, "freepruner", encoder_layer=2)
 
 
-def test_vision_selector_moves_a_later_first_cut_before_the_llm(llava_sdpa):
+def test_vision_rule_moves_a_later_first_cut_before_the_llm(llava_sdpa):
     """A schedule that keeps all at layer 0 (FastV-like) gets its first cut in the tower: cheaper, same later counts."""
     recipe = _recipe(llava_sdpa, (64, 64, 40, 20, 20, 10))
-    moved = apply_selector(recipe, get_adapter(llava_sdpa), _costs(llava_sdpa), "ficoco-v")
+    moved = with_rule(recipe, get_adapter(llava_sdpa), _costs(llava_sdpa), "ficoco-v")
     assert moved.schedule.counts == [40, 40, 40, 20, 20, 10] and moved.schedule.fractions[0] == 40 / 64
     assert moved.method.result["pre_llm_cut_from_layer"] == 2
     assert moved.budget.achieved["full"] < recipe.budget.achieved["full"]

@@ -1,8 +1,8 @@
-"""`--selector`: put any registered selection rule into a searched recipe, in the LLM or before it.
+"""`--rule`: put any registered selection rule into a searched recipe, in the LLM or before it.
 
-A method searches a schedule with its own rule; the selector then decides which tokens survive.
-An LLM-side selector replaces the recipe's `selection` (rules that do not rank tokens score at the
-same layer). A vision-side selector becomes the pre-LLM stage: it keeps `counts[0]` patches in the
+A method searches a schedule with its own rule; the rule then decides which tokens survive.
+An LLM-side rule replaces the recipe's `selection` (rules that do not rank tokens score at the
+same layer). A vision-side rule becomes the pre-LLM stage: it keeps `counts[0]` patches in the
 vision tower, later drops stay with the method's rule. When the schedule keeps every token at
 layer 0 (FastV, G-Search, P-Sigmoid start later), its first cut moves before the LLM: the layers
 before it get the first reduced count too, which only lowers the cost, so the budget still holds
@@ -14,15 +14,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from .flops import CostModel, VisionCost
-from .models import ModelAdapter
-from .recipe.build import with_vision_costs
-from .recipe.schema import Recipe, Schedule, VisionSelection
-from .runtime.selection import ScoringRule, make_rule
-from .runtime.vision import resolve_encoder_layer
+from ..flops import CostModel, VisionCost
+from ..models import ModelAdapter
+from .build import with_vision_costs
+from .schema import Recipe, Schedule, VisionSelection
+from ..runtime.selection import ScoringRule, make_rule
+from ..runtime.vision import resolve_encoder_layer
 
 
-def apply_selector(recipe: Recipe, adapter: ModelAdapter, costs: CostModel, name: str,
+def with_rule(recipe: Recipe, adapter: ModelAdapter, costs: CostModel, name: str,
                    params: dict[str, Any] | None = None, encoder_layer: int | None = None) -> Recipe:
     """`recipe` with selection rule `name` (one-line ValueError for unknown rules or bad parameters)."""
     rule = make_rule(name, params)
