@@ -215,6 +215,8 @@ def _check_start_layer(value: int | None) -> None:
 
 def check_writable(folder: str | Path, plot: str | Path | None = None) -> None:
     """Fail in one line, before any work, when results could not be written to `folder` or `plot`."""
+    from .recipe.io import unwritable
+
     targets = [("--out", Path(folder))]
     if plot is not None:
         targets.append(("--plot", Path(plot).parent if str(Path(plot).parent) else Path(".")))
@@ -223,13 +225,9 @@ def check_writable(folder: str | Path, plot: str | Path | None = None) -> None:
     for flag, path in targets:
         if path.exists() and not path.is_dir():
             raise ValueError(f"{flag} {path}: exists and is not a folder")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".search-recipe-probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise ValueError(f"{flag} {path}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+        reason = unwritable(path)
+        if reason:
+            raise ValueError(f"{flag} {path}: cannot write there ({reason})")
 
 
 def _check_positive(**values: int) -> None:

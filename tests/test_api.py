@@ -81,7 +81,7 @@ def test_apply_recipe_takes_a_path(tmp_path, random_demo, demo_records):
     inputs = adapter.inputs(processor, [demo_records[0]["image"]], [demo_records[0]["prompt"]])
     with apply_recipe(model, path) as by_path:
         a = model(**inputs).logits
-    with apply_recipe(model, recipe) as by_object:
+    with apply_recipe(model, recipe):
         b = model(**inputs).logits
     assert torch.equal(a, b) and by_path.last_counts == recipe.schedule.counts
 

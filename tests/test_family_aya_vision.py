@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor, Cohere2Config,
                           GotOcr2ImageProcessorPil, PreTrainedTokenizerFast, SiglipVisionConfig)
 
+from tiny_models import left_pad
 from checks import (assert_cached_decode_equals_reforward, assert_decode_masks_equal_model_masks,
                     assert_keep_all_identical, assert_manual_continuation_matches_generate, assert_rows_alone,
                     assert_score_rows_match_eager, layer_contexts)
@@ -77,12 +78,7 @@ def aya_inputs(prompts: list[list[int]], crops: list[list[int]] | None = None,
     crops = crops or [[1]] * len(prompts)
     gen = torch.Generator().manual_seed(seed)
     rows = [[BOS, 14, 15] + [t for n in images for t in image_tokens(n)] + p for p, images in zip(prompts, crops)]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+    ids, mask = left_pad(rows)
     pixels = torch.randn(sum(sum(c) for c in crops), 3, 32, 32, generator=gen)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor,
                           Gemma3TextConfig, PreTrainedTokenizerFast, SiglipVisionConfig)
 
+from tiny_models import left_pad
 from checks import (assert_cached_decode_equals_reforward, assert_decode_masks_equal_model_masks,
                     assert_keep_all_identical, assert_manual_continuation_matches_generate, assert_rows_alone,
                     assert_score_rows_match_eager)
@@ -84,12 +85,7 @@ def gemma3_inputs(prompts: list[list[int]], images: list[int] | None = None, see
     images = images or [1] * len(prompts)
     gen = torch.Generator().manual_seed(seed)
     rows = [[BOS, 7, 8] + [BOI, *[IMG] * N_IMAGE, EOI] * n + p for p, n in zip(prompts, images)]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+    ids, mask = left_pad(rows)
     pixels = torch.randn(sum(images), 3, 32, 32, generator=gen)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "token_type_ids": (ids == IMG).long()}
 

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil,
                           PreTrainedTokenizerFast)
 
+from tiny_models import left_pad
 from checks import (assert_cached_decode_equals_reforward, assert_decode_masks_equal_model_masks,
                     assert_keep_all_identical, assert_manual_continuation_matches_generate, assert_rows_alone,
                     assert_score_rows_match_eager)
@@ -78,12 +79,7 @@ def mistral3_inputs(prompts: list[list[int]], sizes: list[list[tuple[int, int]]]
     sizes = sizes or [[(32, 32)]] * len(prompts)
     gen = torch.Generator().manual_seed(seed)
     rows = [[BOS, 20, 21] + [t for hw in images for t in image_tokens(*hw)] + p for p, images in zip(prompts, sizes)]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+    ids, mask = left_pad(rows)
     flat = [hw for images in sizes for hw in images]
     height, wide = max(h for h, _ in flat), max(w for _, w in flat)
     pixels = torch.zeros(len(flat), 3, height, wide)

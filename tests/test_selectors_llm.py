@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from checks import assert_cached_decode_equals_reforward, assert_padded_batch_equals_rows_alone, layer_contexts
-from recipe_search.runtime import PruningHandle, PruningPlan, ScoreContext, make_rule
+from recipe_search.runtime import PruningHandle, PruningPlan, make_rule
 from recipe_search.runtime.ficoco import compress, correlate
 from recipe_search.runtime.selection import Choice, SelectionRule
 from tiny_models import llava_inputs

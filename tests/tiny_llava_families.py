@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import ModelAdapter
+from ..recipe.io import unwritable
 from ..stats import STATS_VERSION, CalibrationStats
 from .collect import collect_stats
 from .data import SampleSet
@@ -68,14 +69,8 @@ def _load_verified(folder: Path, fingerprint: str, data_hash: str) -> Calibratio
 
 def _usable_root(root: Path) -> str:
     """'' when entries can be written under `root`, else the reason they cannot."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        return f"cache folder {root} is not usable ({exc.strerror or type(exc).__name__})"
-    return ""
+    reason = unwritable(root)
+    return f"cache folder {root} is not usable ({reason})" if reason else ""
 
 
 def calibrate(model: Any, processor: Any, adapter: ModelAdapter, data: SampleSet, *,

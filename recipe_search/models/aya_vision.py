@@ -15,13 +15,12 @@ same token count, reported as `visual_tokens_per_image`); a `pooled` plan pools 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
-from .base import ModelAdapter, chat_prompt, register_family
+from .base import ModelAdapter, register_family
 
 
 @register_family
@@ -55,16 +54,3 @@ class AyaVisionAdapter(ModelAdapter):
         processor_dict, _ = AyaVisionProcessor.get_processor_dict(source, local_files_only=True)
         return AyaVisionProcessor.from_args_and_dict([image_processor, tokenizer], processor_dict)
 
-    def build_inputs(
-        self, processor: Any, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str]
-    ) -> dict[str, torch.Tensor]:
-        """As the default, but without a second BOS: the Aya Vision chat template writes `bos_token`
-        itself and the tokenizer would add another (transformers' own chat path skips it too)."""
-        processor.tokenizer.padding_side = "left"
-        per_prompt = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
-        texts = [chat_prompt(processor, p, len(ims)) for p, ims in zip(prompts, per_prompt)]
-        bos = processor.tokenizer.bos_token
-        templated_bos = bool(bos) and all(text.startswith(bos) for text in texts)
-        batch = processor(images=self.processor_images(per_prompt), text=texts, return_tensors="pt", padding=True,
-                          add_special_tokens=not templated_bos)
-        return dict(batch)

@@ -358,11 +358,17 @@ class ModelAdapter(ABC):
         self, processor: Any, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str]
     ) -> dict[str, torch.Tensor]:
         """Tokenised, left-padded model inputs for one user turn per (images, prompt) pair, through
-        the processor's own chat template. An entry of `images` is one image or a list of them."""
+        the processor's own chat template. An entry of `images` is one image or a list of them.
+
+        A template that writes `bos_token` itself (Gemma 3, Aya Vision, Mistral) gets no second
+        BOS from the tokenizer, as in transformers' own chat path."""
         processor.tokenizer.padding_side = "left"
         per_prompt = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
         texts = [chat_prompt(processor, p, len(ims)) for p, ims in zip(prompts, per_prompt)]
-        batch = processor(images=self.processor_images(per_prompt), text=texts, return_tensors="pt", padding=True)
+        bos = processor.tokenizer.bos_token
+        templated_bos = {"add_special_tokens": False} if bos and all(t.startswith(bos) for t in texts) else {}
+        batch = processor(images=self.processor_images(per_prompt), text=texts, return_tensors="pt", padding=True,
+                          **templated_bos)
         return dict(batch)
 
     def processor_images(self, per_prompt: list[list[Image.Image]]) -> Any:

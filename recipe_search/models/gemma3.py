@@ -10,13 +10,13 @@ surviving positions by the runtime; decode steps are text queries, so their mask
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
 
-from .base import ModelAdapter, UnsupportedModelError, chat_prompt, register_family
+from .base import ModelAdapter, UnsupportedModelError, register_family
 
 
 @register_family
@@ -56,20 +56,6 @@ class Gemma3Adapter(ModelAdapter):
         image_processor = Gemma3ImageProcessorPil.from_pretrained(source, local_files_only=True)
         processor_dict, _ = Gemma3Processor.get_processor_dict(source, local_files_only=True)
         return Gemma3Processor.from_args_and_dict([image_processor, tokenizer], processor_dict)
-
-    def build_inputs(
-        self, processor: Any, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str]
-    ) -> dict[str, torch.Tensor]:
-        """As the default, but without a second BOS: the Gemma 3 chat template writes `bos_token`
-        itself and the tokenizer would add another (transformers' own chat path skips it too)."""
-        processor.tokenizer.padding_side = "left"
-        per_prompt = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
-        texts = [chat_prompt(processor, p, len(ims)) for p, ims in zip(prompts, per_prompt)]
-        bos = processor.tokenizer.bos_token
-        templated_bos = bool(bos) and all(text.startswith(bos) for text in texts)
-        batch = processor(images=self.processor_images(per_prompt), text=texts, return_tensors="pt", padding=True,
-                          add_special_tokens=not templated_bos)
-        return dict(batch)
 
     def processor_images(self, per_prompt: list[list[Image.Image]]) -> Any:
         """Gemma3Processor wants one list of images per prompt (it counts them per prompt)."""

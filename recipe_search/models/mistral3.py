@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
 
-from .base import ModelAdapter, chat_prompt, register_family
+from .base import ModelAdapter, register_family
 
 
 def _template(value: Any) -> str | None:
@@ -182,17 +181,3 @@ class Mistral3Adapter(ModelAdapter):
             return PixtralImagesProcessor.from_pretrained(source)
         return super().load_processor(source)
 
-    def build_inputs(
-        self, processor: Any, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str]
-    ) -> dict[str, torch.Tensor]:
-        """As the default (a flat image list, as PixtralProcessor takes it), but without a second BOS:
-        Mistral chat templates write `bos_token` themselves and the tokenizer would add another
-        (transformers' own chat path skips it too)."""
-        processor.tokenizer.padding_side = "left"
-        per_prompt = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
-        texts = [chat_prompt(processor, p, len(ims)) for p, ims in zip(prompts, per_prompt)]
-        bos = processor.tokenizer.bos_token
-        templated_bos = bool(bos) and all(text.startswith(bos) for text in texts)
-        batch = processor(images=self.processor_images(per_prompt), text=texts, return_tensors="pt", padding=True,
-                          add_special_tokens=not templated_bos)
-        return dict(batch)

@@ -8,7 +8,6 @@ from typing import Sequence
 from .. import __version__
 from ..budget import Budget
 from ..flops import FORMULAS, VISION_FORMULAS, CostModel, VisionCost
-from ..models import ModelAdapter
 from ..methods import SearchResult
 from .schema import (
     BudgetRecord,

@@ -416,6 +416,18 @@ def validate_recipe(recipe: Recipe) -> None:
     _recipe_json(recipe)
 
 
+def unwritable(folder: Path) -> str:
+    """'' when files can be created in `folder` (made if missing), else the reason they cannot."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".recipe-search-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return ""
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file.
 
