@@ -50,6 +50,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for the demo model, torch's default otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the prefill, unpruned and pruned, on 16 samples (default: on; --no-timing skips it)")
 
 
 def _search_parser() -> argparse.ArgumentParser:
@@ -244,8 +246,7 @@ class _Session:
     source: str
     held_out: Any
     timing: Any
-    base_acc: Any
-    base_seconds: float
+    base: Any                 # Measurement of the unpruned model
     args: argparse.Namespace
 
     @classmethod
@@ -257,7 +258,7 @@ class _Session:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         from .calibration import load_samples
-        from .eval import accuracy, greedy_answers, prefill_seconds
+        from .measure import measure
         from .models.loading import load_model
         from .pipeline import LoadedModel
 
@@ -278,15 +279,13 @@ class _Session:
         held_out = None if eval_spec == "none" else load_samples(eval_spec, args.eval_samples, split="eval")
         if held_out is not None and not held_out.has_answers:
             raise ValueError(f"--eval {eval_spec}: every sample needs an answer to measure accuracy")
-        timing = (load_samples(eval_spec, 16, split="eval") if held_out is not None
-                  else load_samples(fallback_data, 16, split="eval", **(fallback_options or {})))
-        session = cls(loaded, str(source), held_out, timing, None, 0.0, args)
-        session.base_seconds = prefill_seconds(model, processor, adapter, timing)
-        if held_out is not None:
-            session.base_acc = accuracy(greedy_answers(model, processor, adapter, held_out,
-                                                       batch_size=args.batch_size, progress=not args.quiet,
-                                                       desc="eval unpruned"), held_out)
-        return session
+        timing = None
+        if args.timing:
+            timing = (load_samples(eval_spec, 16, split="eval") if held_out is not None
+                      else load_samples(fallback_data, 16, split="eval", **(fallback_options or {})))
+        base = measure(loaded, None, held_out, timing=timing, batch_size=args.batch_size, progress=not args.quiet,
+                       desc="eval unpruned")
+        return cls(loaded, str(source), held_out, timing, base, args)
 
     def header(self) -> None:
         import torch
@@ -300,12 +299,9 @@ class _Session:
 
     def report(self, recipe: Any, where: Path) -> None:
         """Print one recipe's budget, schedule, accuracy and measured prefill time."""
-        from .eval import accuracy, greedy_answers, prefill_seconds
-        from .runtime.apply import plan_from_recipe
+        from .measure import measure
 
-        lm = self.loaded
         b = recipe.budget
-        plan = plan_from_recipe(recipe)
         print(f"\nbudget {b.asked}: {where}")
         print(f"  achieved: full-sequence FLOPs {b.achieved['full']:.1%}, visual-only FLOPs {b.achieved['visual']:.1%}, "
               f"mean visual tokens {b.achieved['mean_visual_tokens']:.1f}"
@@ -321,18 +317,18 @@ class _Session:
                   f"{recipe.schedule.visual_tokens} patches at vision encoder layer {recipe.vision.encoder_layer}; "
                   f"vision encoder FLOPs {b.achieved['vision_encoder']:.1%}, LM full + vision "
                   f"{b.achieved['full_with_vision']:.1%}")
-        if self.held_out is not None:
-            pruned = accuracy(greedy_answers(lm.model, lm.processor, lm.adapter, self.held_out, plan,
-                                             batch_size=self.args.batch_size, progress=not self.args.quiet,
-                                             desc=f"eval {b.asked}"), self.held_out)
-            base = self.base_acc
+        got = measure(self.loaded, recipe, self.held_out, timing=self.timing, reference=self.base,
+                      batch_size=self.args.batch_size, progress=not self.args.quiet, desc=f"eval {b.asked}")
+        if got.accuracy is not None:
+            pruned, base = got.accuracy, self.base.accuracy
             print(f"  held-out accuracy ({self.held_out.source}, {pruned.total} q): unpruned {base.overall:.1%} -> "
                   f"pruned {pruned.overall:.1%} ({pruned.overall / max(base.overall, 1e-9):.1%} kept)")
             for qtype in base.per_type:
                 print(f"    {qtype:<10} {base.per_type[qtype]:.1%} -> {pruned.per_type.get(qtype, 0.0):.1%}")
-        seconds = prefill_seconds(lm.model, lm.processor, lm.adapter, self.timing, plan)
-        print(f"  prefill wall-clock (batch {len(self.timing)}, best of 5): unpruned {self.base_seconds * 1000:.1f} ms "
-              f"-> pruned {seconds * 1000:.1f} ms ({self.base_seconds / seconds:.2f}x)")
+        if got.prefill_seconds is not None:
+            bare, seconds = self.base.prefill_seconds, got.prefill_seconds
+            print(f"  prefill wall-clock (batch {len(self.timing)}, best of 5): unpruned {bare * 1000:.1f} ms "
+                  f"-> pruned {seconds * 1000:.1f} ms ({bare / seconds:.2f}x)")
 
 
 def _run_plot(argv: Sequence[str]) -> int:

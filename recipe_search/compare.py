@@ -35,7 +35,7 @@ class CompareRow:
     vision_encoder: float | None    # vision encoder + projector share (None: tower not supported)
     full_with_vision: float | None  # LM full + vision encoder, share of both unpruned
     accuracy: float | None
-    prefill_ms: float
+    prefill_ms: float | None        # None when timing is off
 
     @property
     def flops(self) -> float:
@@ -43,16 +43,14 @@ class CompareRow:
         return self.full_with_vision if self.full_with_vision is not None else self.full
 
 
-def measure(loaded: Any, recipe: Recipe, rule: str, costs: CostModel, held_out: Any, timing: Any,
-            batch_size: int = 16, progress: bool = False) -> CompareRow:
-    """Apply `rule` to `recipe` and measure accuracy (if `held_out`), FLOPs and prefill time."""
-    from .eval import accuracy, greedy_answers, prefill_seconds
-    from .runtime.apply import plan_from_recipe
+def rule_row(loaded: Any, recipe: Recipe, rule: str, costs: CostModel, held_out: Any, timing: Any,
+             batch_size: int = 16, progress: bool = False) -> CompareRow:
+    """Put `rule` into `recipe` and measure it: accuracy (if `held_out`), FLOPs and prefill time."""
+    from .measure import measure
     from .recipe.rules import with_rule
 
     adapter = loaded.adapter
     chosen = with_rule(recipe, adapter, costs, rule)
-    plan = plan_from_recipe(chosen)
     counts = chosen.schedule.counts
     try:
         layout = adapter.vision_layout()
@@ -61,15 +59,13 @@ def measure(loaded: Any, recipe: Recipe, rule: str, costs: CostModel, held_out: 
     else:
         stage = chosen.vision.encoder_layer if chosen.vision is not None else None
         shares = dict(vision_shares(counts, costs, VisionCost(layout, stage)))
-    acc = None
-    if held_out is not None:
-        answers = greedy_answers(loaded.model, loaded.processor, adapter, held_out, plan, batch_size=batch_size,
-                                 progress=progress, desc=f"{rule} {recipe.budget.asked}")
-        acc = accuracy(answers, held_out).overall
-    seconds = prefill_seconds(loaded.model, loaded.processor, adapter, timing, plan)
+    got = measure(loaded, chosen, held_out, timing=timing, batch_size=batch_size, progress=progress,
+                  desc=f"{rule} {recipe.budget.asked}")
     return CompareRow(recipe.method.name, recipe.budget.asked, label(rule), "vision" if chosen.vision is not None else "llm",
                       costs.mean_tokens(counts), costs.fraction(counts, "full"), costs.fraction(counts, "visual"),
-                      shares["vision_encoder"], shares["full_with_vision"], acc, seconds * 1000)
+                      shares["vision_encoder"], shares["full_with_vision"],
+                      got.accuracy.overall if got.accuracy is not None else None,
+                      got.prefill_seconds * 1000 if got.prefill_seconds is not None else None)
 
 
 def label(rule: str) -> str:
@@ -81,18 +77,22 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def table(rows: Sequence[CompareRow], base_accuracy: float | None, base_ms: float) -> str:
-    """Markdown table, unpruned first."""
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def table(rows: Sequence[CompareRow], base_accuracy: float | None, base_ms: float | None) -> str:
+    """Markdown table, unpruned first (prefill columns show '-' when timing was off)."""
     lines = ["| schedule | budget | rule | where | kept/layer | LM full | LM visual | vision enc. | LM+vision "
              "| accuracy | of unpruned | prefill ms | speed-up |", "|" + "---|" * 13]
     lines.append(f"| - | - | unpruned | - | all | 100.0% | 100.0% | 100.0% | 100.0% | {_pct(base_accuracy)} | 100.0% "
-                 f"| {base_ms:.1f} | 1.00x |")
+                 f"| {_ms(base_ms)} | {'-' if base_ms is None else '1.00x'} |")
     for r in rows:
         kept = "n/a" if r.accuracy is None or not base_accuracy else f"{r.accuracy / base_accuracy:.1%}"
         lines.append(f"| {r.method} | {r.budget} | {r.rule} | {'pre-LLM' if r.stage == 'vision' else 'LLM'} "
                      f"| {r.mean_tokens:.1f} | {r.full:.1%} | {r.visual:.1%} | {_pct(r.vision_encoder)} "
-                     f"| {_pct(r.full_with_vision)} | {_pct(r.accuracy)} | {kept} | {r.prefill_ms:.1f} "
-                     f"| {base_ms / r.prefill_ms:.2f}x |")
+                     f"| {_pct(r.full_with_vision)} | {_pct(r.accuracy)} | {kept} | {_ms(r.prefill_ms)} "
+                     f"| {'-' if base_ms is None or r.prefill_ms is None else f'{base_ms / r.prefill_ms:.2f}x'} |")
     return "\n".join(lines)
 
 
@@ -184,16 +184,18 @@ def run_compare(argv: Sequence[str]) -> int:
                              options=SearchOptions(start_layer=args.start_layer),
                              cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                              batch_size=args.batch_size, progress=not args.quiet)
-    rows = [measure(loaded, recipe, rule, outcome.costs, session.held_out, session.timing,
+    rows = [rule_row(loaded, recipe, rule, outcome.costs, session.held_out, session.timing,
                     batch_size=args.batch_size, progress=not args.quiet)
             for recipe in outcome.recipes for rule in rules]
     session.header()
     print(f"schedules: {args.method} (visual tokens entering each layer) "
           + "; ".join(f"{r.budget.asked}: {r.schedule.counts}" for r in outcome.recipes))
     print("pre-LLM rules make the schedule's first cut inside the vision tower; LLM rules drop in the "
-          f"decoder. Prefill: best of 5, batch {len(session.timing)}.\n")
-    base_acc = session.base_acc.overall if session.base_acc is not None else None
-    print(table(rows, base_acc, session.base_seconds * 1000))
+          + (f"decoder. Prefill: best of 5, batch {len(session.timing)}.\n" if session.timing is not None
+             else "decoder. Prefill not timed (--no-timing).\n"))
+    base = session.base
+    base_acc = base.accuracy.overall if base.accuracy is not None else None
+    print(table(rows, base_acc, base.prefill_seconds * 1000 if base.prefill_seconds is not None else None))
     if base_acc is not None:
         name = Path(loaded.name_or_path).name or "model"
         path = plot_pareto(rows, base_acc, args.plot or Path(args.out) / f"{name}-compare-pareto.png",

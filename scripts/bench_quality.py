@@ -59,7 +59,7 @@ def main() -> int:
     from recipe_search.budget import Budget, parse_budgets
     from recipe_search.calibration import calibrate, demo_samples
     from recipe_search.demo import demo_checkpoint
-    from recipe_search.eval import accuracy, agreement, greedy_answers, prefill_seconds
+    from recipe_search.measure import measure
     from recipe_search.flops import CostModel
     from recipe_search.models.loading import load_model
     from recipe_search.pipeline import LoadedModel, SearchOptions, search_recipes
@@ -79,9 +79,8 @@ def main() -> int:
     stats, _ = calibrate(model, processor, adapter, calib, cache_dir=work / "cache", progress=False)
     calib_seconds = time.perf_counter() - started
     costs = CostModel(adapter.dims(), stats.visual_tokens, tuple(int(t) for t in stats.text_tokens))
-    reference = greedy_answers(model, processor, adapter, held_out)
-    base = accuracy(reference, held_out)
-    base_ms = prefill_seconds(model, processor, adapter, timing) * 1000
+    base_run = measure(loaded, None, held_out, timing=timing)
+    base, base_ms = base_run.accuracy, base_run.prefill_seconds * 1000
     n = stats.visual_tokens
 
     def output_search(method: str, budget: Budget | None, start: int) -> SearchResult:
@@ -113,12 +112,11 @@ def main() -> int:
             print(f"| {budget_text} | {name} | - | - | - | - | {result} | | | | | |", flush=True)
             return
         plan = PruningPlan(result.counts, n, make_rule(result.rule, result.rule_params), result.score_layer)
-        answers = greedy_answers(model, processor, adapter, held_out, plan)
-        acc = accuracy(answers, held_out)
-        ms = prefill_seconds(model, processor, adapter, timing, plan) * 1000
+        got = measure(loaded, plan, held_out, timing=timing, reference=base_run)
+        acc, ms = got.accuracy, got.prefill_seconds * 1000
         print(f"| {budget_text} | {name} | {result.rule} ({result.score_layer}) | {costs.mean_tokens(result.counts):.1f} "
               f"| {costs.fraction(result.counts, 'full'):.1%} | {costs.fraction(result.counts, 'visual'):.1%} "
-              f"| {acc.overall:.1%} | {acc.overall / base.overall:.1%} | {agreement(answers, reference):.1%} "
+              f"| {acc.overall:.1%} | {acc.overall / base.overall:.1%} | {got.agreement:.1%} "
               f"| {ms:.1f} | {base_ms / ms:.2f}x | {result.seconds:.2f} |", flush=True)
 
     schedules: dict[str, list[int]] = {}
@@ -145,12 +143,12 @@ def main() -> int:
         print(f"G-Search: {gs.result['evaluations']} schedule evaluations, {gs.result['layers_run']} decoder-layer "
               f"batch runs thanks to prefix reuse (no reuse: {gs.result['evaluations'] * adapter.dims().num_layers * -(-len(calib) // 16)})")
 
-    from recipe_search.compare import DEFAULT_RULES, measure, plot_pareto, table
+    from recipe_search.compare import DEFAULT_RULES, plot_pareto, rule_row, table
 
     rows = []
     for method in args.rule_methods.split(","):
         recipes = search_recipes(loaded, calib, budgets, method=method, cache_dir=work / "cache", progress=False).recipes
-        rows += [measure(loaded, recipe, rule, costs, held_out, timing) for recipe in recipes
+        rows += [rule_row(loaded, recipe, rule, costs, held_out, timing) for recipe in recipes
                  for rule in DEFAULT_RULES]
         print(f"\n{method} schedules: " + "; ".join(f"{r.budget.asked}: {r.schedule.counts}" for r in recipes),
               flush=True)
