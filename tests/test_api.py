@@ -96,6 +96,13 @@ def test_search_takes_an_optuna_sampler_instance(tmp_path, random_demo, demo_rec
                                      cache_dir=tmp_path, progress=False)
     assert recipe.method.params["optimizer"] == "optuna:RandomSampler"
     assert len(recipe.method.result["history"]) == 3
+    storage = f"sqlite:///{tmp_path / 'psigmoid-trials.db'}"  # what optuna-dashboard shows, per trial
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    for trial in trials:
+        if trial.user_attrs["feasible"]:
+            assert {"counts", "flops_full", "agreement", "rule"} <= set(trial.user_attrs)
+            assert trial.user_attrs["rule"] == "attention"
     with pytest.raises(ValueError, match="optimizer must be a name"):
         recipe_search.search(model, demo_records, "80%", processor=processor, method="psigmoid", optimizer=42,
                              n_trials=2, work_dir=tmp_path / "b", cache_dir=tmp_path, progress=False)

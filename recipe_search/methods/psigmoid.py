@@ -137,7 +137,9 @@ class PSigmoidRun:
                 return False
             fitted = fit_proposal(n, layers, self.start_layer, trial.params["slope"], trial.params["midpoint"],
                                   self.budget, self.costs)
-            attrs: dict[str, Any] = {"feasible": fitted is not None, "worker": self.worker}
+            # user attributes: what optuna-dashboard shows for each trial
+            attrs: dict[str, Any] = {"feasible": fitted is not None, "worker": self.worker,
+                                     "rule": self.scorer.rule.name, "score_layer": self.scorer.score_layer}
             value = INFEASIBLE
             if fitted is not None:
                 midpoint, floor, counts = fitted
