@@ -329,6 +329,9 @@ class _Session:
             bare, seconds = self.base.prefill_seconds, got.prefill_seconds
             print(f"  prefill wall-clock (batch {len(self.timing)}, best of 5): unpruned {bare * 1000:.1f} ms "
                   f"-> pruned {seconds * 1000:.1f} ms ({bare / seconds:.2f}x)")
+            print(f"  KV cache after prefill: unpruned {_mb(self.base.kv_cache_bytes)} -> pruned "
+                  f"{_mb(got.kv_cache_bytes)}; peak memory above the model: unpruned {_mb(self.base.peak_bytes)} "
+                  f"-> pruned {_mb(got.peak_bytes)}")
 
 
 def _run_plot(argv: Sequence[str]) -> int:
@@ -440,6 +443,10 @@ def _run_search(argv: Sequence[str]) -> int:
     for path in history_paths:
         print(f"optimisation history: {path}")
     return 0
+
+
+def _mb(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f} MB"
 
 
 def _cache_note(outcome: Any) -> str:

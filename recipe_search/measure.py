@@ -6,8 +6,11 @@ The one place that measures a recipe, used by `search-recipe` reports, `search-r
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from .calibration.data import MAX_SAMPLES
 from .eval import Accuracy, accuracy, agreement, greedy_answers, prefill_seconds
@@ -24,6 +27,65 @@ class Measurement:
     accuracy: Accuracy | None
     agreement: float | None
     prefill_seconds: float | None
+    kv_cache_bytes: int | None = None      # keys and values the prefill leaves in the cache
+    peak_bytes: int | None = None          # memory above the loaded model's during one prefill
+
+
+def _kv_bytes(cache: Any) -> int:
+    """Bytes of every key and value tensor a transformers cache holds."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if torch.is_tensor(tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@torch.no_grad()
+def prefill_memory(loaded: Any, data: Any, plan: PruningPlan | None) -> tuple[int, int | None]:
+    """(KV-cache bytes, peak bytes above the start) of one cached prefill of `data` as one batch.
+
+    The peak is the CUDA allocator's on a GPU; on a CPU it is the resident set sampled every
+    millisecond by a thread (Linux /proc), which sees what the allocator really asked of the OS.
+    """
+    from .runtime import PruningHandle
+
+    inputs = loaded.adapter.inputs(loaded.processor, [s.image for s in data.samples], [s.prompt for s in data.samples])
+    device = next(loaded.model.parameters()).device
+    handle = PruningHandle(loaded.model, plan, loaded.adapter) if plan is not None else None
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device)
+            out = loaded.model(**inputs, use_cache=True, logits_to_keep=1)
+            return _kv_bytes(out.past_key_values), torch.cuda.max_memory_allocated(device) - start
+        if not os.path.exists("/proc/self/statm"):
+            return _kv_bytes(loaded.model(**inputs, use_cache=True, logits_to_keep=1).past_key_values), None
+        start, peak, done = _rss(), [0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss())
+                done.wait(0.001)
+
+        watcher = threading.Thread(target=sample, daemon=True)
+        watcher.start()
+        try:
+            out = loaded.model(**inputs, use_cache=True, logits_to_keep=1)
+        finally:
+            done.set()
+            watcher.join()
+        return _kv_bytes(out.past_key_values), max(0, max(peak[0], _rss()) - start)
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def _plan(recipe: Recipe | PruningPlan | str | os.PathLike | None) -> PruningPlan | None:
@@ -58,7 +120,8 @@ def measure(model: Any, recipe: Recipe | PruningPlan | str | os.PathLike | None,
         acc = accuracy(list(answers), held_out) if held_out.has_answers else None
         if reference is not None and reference.answers:
             agree = agreement(list(answers), list(reference.answers))
-    seconds = None
+    seconds = kv = peak = None
     if timing is not None:
         seconds = prefill_seconds(loaded.model, loaded.processor, loaded.adapter, timing, plan)
-    return Measurement(answers, acc, agree, seconds)
+        kv, peak = prefill_memory(loaded, timing, plan)
+    return Measurement(answers, acc, agree, seconds, kv, peak)

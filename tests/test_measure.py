@@ -48,3 +48,19 @@ def test_timing_can_be_turned_off(random_checkpoint, tmp_path, capsys):
     assert "held-out accuracy" in out and "prefill wall-clock" not in out
     assert main(argv) == 0
     assert "prefill wall-clock" in capsys.readouterr().out
+
+
+def test_kv_cache_bytes_follow_the_schedule(random_demo, recipe):
+    """The cache a pruned prefill leaves holds, per layer, the tokens that entered it: keys and values
+    of (text + kept visual) tokens x kv heads x head dim x 2 x 4 bytes."""
+    model, processor, adapter = random_demo
+    timing = demo_samples("eval", 2)
+    base = measure(model, None, None, processor=processor, timing=timing)
+    pruned = measure(model, recipe, None, processor=processor, timing=timing)
+    inputs = adapter.inputs(processor, [s.image for s in timing.samples], [s.prompt for s in timing.samples])
+    dims, width = adapter.dims(), inputs["input_ids"].shape[1]
+    n = recipe.schedule.visual_tokens
+    per_token = 2 * dims.num_kv_heads * dims.head_dim * 4 * len(timing)
+    assert base.kv_cache_bytes == per_token * width * dims.num_layers
+    assert pruned.kv_cache_bytes == per_token * sum(width - n + c for c in recipe.schedule.counts)
+    assert base.peak_bytes is not None and pruned.peak_bytes is not None
