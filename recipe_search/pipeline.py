@@ -153,22 +153,13 @@ def run_workers(source: str, loaded: LoadedModel, search_set: SampleSet, budget:
 
 
 def _psigmoid_start(scorer: ScheduleScorer, budget: Budget, costs: CostModel, asked: int | None) -> int:
-    """The start layer: as asked, or by default 2, else 1 when keeping layers 0-1 whole is over budget.
-
-    (Shallow models meet small budgets only by pruning early; layer 0's attention is never used.)
-    """
+    """The start layer: as asked (checked), else the default 2 or the latest earlier layer from
+    which some sigmoid meets the budget (closed form, before any trial)."""
     layers = len(scorer.layers)
     if asked is not None:
         psigmoid.check_feasible(scorer.visual_tokens, layers, asked, budget, costs)
         return asked
-    try:
-        default = METHODS["psigmoid"].start_layer
-        psigmoid.check_feasible(scorer.visual_tokens, layers, default, budget, costs)
-        return default
-    except InfeasibleBudgetError:
-        psigmoid.check_feasible(scorer.visual_tokens, layers, 1, budget, costs)  # raises, naming the budget
-        return 1
-
+    return psigmoid.feasible_start(scorer.visual_tokens, layers, METHODS["psigmoid"].start_layer, budget, costs)
 
 def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budget | None], *,
                    method: str = "fitprune", options: SearchOptions = SearchOptions(),

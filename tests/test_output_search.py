@@ -9,6 +9,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,12 +164,32 @@ def test_psigmoid_starts_earlier_only_when_the_budget_needs_it(loaded, search_se
     options = SearchOptions(n_trials=3, n_startup=2, work_dir=tmp_path, batch_size=6)
     outcome = search_recipes(loaded, search_set, [parse_budget("50%"), parse_budget("25%")], method="psigmoid",
                              options=options, cache_dir=tmp_path / "cache", progress=False)
-    assert [r.method.params["start_layer"] for r in outcome.recipes] == [2, 1]
-    assert outcome.recipes[1].schedule.counts[0] == 144 and outcome.recipes[1].budget.achieved["full"] <= 0.25
-    with pytest.raises(InfeasibleBudgetError, match="pruning from layer 2 on"):
+    starts = [r.method.params["start_layer"] for r in outcome.recipes]
+    assert starts[0] == 2 and starts[1] < 2
+    assert outcome.recipes[1].budget.achieved["full"] <= 0.25
+    with pytest.raises(InfeasibleBudgetError, match="cannot be met by a P-Sigmoid from layer 2"):
         search_recipes(loaded, search_set, [parse_budget("25%")], method="psigmoid",
                        options=SearchOptions(start_layer=2, n_trials=3, work_dir=tmp_path / "b"),
                        cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_leanest_sigmoid_is_the_closed_form_minimum(costs):
+    """No (slope, midpoint, floor) in the search space costs less than the leanest schedule, so a
+    start layer is refused exactly when no trial could meet the budget; the start goes down to 0
+    when needed, and a budget below every start's minimum names the smallest feasible budget."""
+    n, layers = costs.visual_tokens, costs.dims.num_layers
+    budget = parse_budget("50%")
+    for start in range(layers):
+        lean = budget.achieved(psigmoid.leanest_schedule(n, layers, start), costs)
+        grid = [budget.achieved(psigmoid.sigmoid_schedule(n, layers, start, floor, slope, mid), costs)
+                for floor in (0.0, 0.1, 0.5) for slope in np.linspace(*psigmoid.SLOPE_RANGE, 7)
+                for mid in np.linspace(start, layers - 1, 9)]
+        assert min(grid) >= lean - 1e-12
+    at = [budget.achieved(psigmoid.leanest_schedule(n, layers, s), costs) for s in range(3)]
+    between = parse_budget(f"{(at[0] + at[1]) / 2:.4f}")  # feasible from layer 0 only
+    assert psigmoid.feasible_start(n, layers, 2, between, costs) == 0
+    with pytest.raises(psigmoid.InfeasibleBudgetError, match=f"smallest it can reach .from layer 0. is {at[0]:.1%}"):
+        psigmoid.feasible_start(n, layers, 2, parse_budget(f"{at[0] * 0.9:.4f}"), costs)
 
 
 # --- trials that survive kill -9 --------------------------------------------------------------

@@ -98,14 +98,33 @@ def fit_to_curve(counts: Sequence[int], visual_tokens: int, start: int) -> dict[
     return best
 
 
+def leanest_schedule(visual_tokens: int, layers: int, start: int) -> tuple[int, ...]:
+    """The cheapest schedule a P-Sigmoid from `start` can propose: floor 0, the steepest slope and
+    the earliest midpoint (the search space's bounds), so half the tokens still enter `start`."""
+    return sigmoid_schedule(visual_tokens, layers, start, 0.0, SLOPE_RANGE[1], float(start))
+
+
 def check_feasible(visual_tokens: int, layers: int, start: int, budget: Budget, costs: CostModel) -> None:
-    """Fail before any trial when even dropping every visual token at the start layer is over budget."""
-    floor = (visual_tokens,) * start + (0,) * (layers - start)
-    if not budget.is_met(floor, costs):
+    """Fail before any trial when no proposal from `start` can meet the budget (closed form: the
+    leanest sigmoid), instead of spending every trial on proposals that cannot."""
+    lean = leanest_schedule(visual_tokens, layers, start)
+    if not budget.is_met(lean, costs):
         raise InfeasibleBudgetError(
-            f"budget {budget.text} cannot be met with pruning from layer {start} on: dropping every visual token "
-            f"there still costs {budget.achieved(floor, costs):.1%}; lower --start-layer or raise the budget"
+            f"budget {budget.text} cannot be met by a P-Sigmoid from layer {start}: its leanest schedule costs "
+            f"{budget.achieved(lean, costs):.1%}; lower --start-layer or raise the budget"
         )
+
+
+def feasible_start(visual_tokens: int, layers: int, preferred: int, budget: Budget, costs: CostModel) -> int:
+    """`preferred`, or the latest earlier start layer whose leanest sigmoid meets the budget; a
+    one-line error naming the smallest budget any start can meet when none does."""
+    for start in range(min(preferred, layers - 1), -1, -1):
+        if budget.is_met(leanest_schedule(visual_tokens, layers, start), costs):
+            return start
+    smallest = budget.achieved(leanest_schedule(visual_tokens, layers, 0), costs)
+    raise InfeasibleBudgetError(
+        f"budget {budget.text} cannot be met by a P-Sigmoid on this model: the smallest it can reach "
+        f"(from layer 0) is {smallest:.1%}" + (" of the FLOPs" if budget.kind == "flops" else ""))
 
 
 def search_space(layers: int, start: int) -> Space:
