@@ -326,9 +326,7 @@ class _Session:
             for qtype in base.per_type:
                 print(f"    {qtype:<10} {base.per_type[qtype]:.1%} -> {pruned.per_type.get(qtype, 0.0):.1%}")
         if got.prefill_seconds is not None:
-            bare, seconds = self.base.prefill_seconds, got.prefill_seconds
-            print(f"  prefill wall-clock (batch {len(self.timing)}, best of 5): unpruned {bare * 1000:.1f} ms "
-                  f"-> pruned {seconds * 1000:.1f} ms ({bare / seconds:.2f}x)")
+            print(f"  prefill wall-clock (batch {len(self.timing)}): {got.timing.describe()}")
             print(f"  KV cache after prefill: unpruned {_mb(self.base.kv_cache_bytes)} -> pruned "
                   f"{_mb(got.kv_cache_bytes)}; peak memory above the model: unpruned {_mb(self.base.peak_bytes)} "
                   f"-> pruned {_mb(got.peak_bytes)}")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .calibration.data import MAX_SAMPLES
-from .eval import Accuracy, accuracy, agreement, greedy_answers, prefill_seconds
+from .eval import Accuracy, PrefillTiming, accuracy, agreement, greedy_answers, prefill_seconds, prefill_timing
 from .recipe.schema import Recipe
 from .runtime.plan import PruningPlan
 
@@ -26,9 +26,10 @@ class Measurement:
     answers: tuple[str, ...]
     accuracy: Accuracy | None
     agreement: float | None
-    prefill_seconds: float | None
+    prefill_seconds: float | None          # median prefill wall-clock
     kv_cache_bytes: int | None = None      # keys and values the prefill leaves in the cache
     peak_bytes: int | None = None          # memory above the loaded model's during one prefill
+    timing: PrefillTiming | None = None    # bare and pruned prefills interleaved round by round
 
 
 def _kv_bytes(cache: Any) -> int:
@@ -120,8 +121,12 @@ def measure(model: Any, recipe: Recipe | PruningPlan | str | os.PathLike | None,
         acc = accuracy(list(answers), held_out) if held_out.has_answers else None
         if reference is not None and reference.answers:
             agree = agreement(list(answers), list(reference.answers))
-    seconds = kv = peak = None
+    seconds = kv = peak = paired = None
     if timing is not None:
-        seconds = prefill_seconds(loaded.model, loaded.processor, loaded.adapter, timing, plan)
+        if plan is None:
+            seconds = prefill_seconds(loaded.model, loaded.processor, loaded.adapter, timing)
+        else:  # interleaved with the bare model, so both see the same machine load
+            paired = prefill_timing(loaded.model, loaded.processor, loaded.adapter, timing, plan)
+            seconds = paired.pruned_median
         kv, peak = prefill_memory(loaded, timing, plan)
-    return Measurement(answers, acc, agree, seconds, kv, peak)
+    return Measurement(answers, acc, agree, seconds, kv, peak, paired)

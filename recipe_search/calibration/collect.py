@@ -3,6 +3,10 @@
 Only the attention rows the statistics need are recomputed (post-image prompt rows, visual rows,
 the last prompt token), with the same `ScoreContext` code the runtime selection rules use, so
 calibration and inference score tokens identically. SDPA stays on; no attention map is stored.
+Each layer projects its queries and keys once: the statistics share one `ScoreContext` (one q/k
+projection, the post-image text rows' softmax once for both the cross and the last-token statistic,
+the visual rows in cache-sized chunks), and the layer itself is handed the projections the
+statistics computed (`ProjectionReuse`) instead of projecting again, so its output is unchanged.
 
 Samples may give different numbers of visual tokens (other image sizes, several images): each
 sample's per-token statistics are then resampled to the tokens of one image (the model's fixed
@@ -21,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..hooks import CallHook, HookSet
 from ..models import ModelAdapter
-from ..runtime.selection import AttentionRule, FitPruneRule, ScoreContext
+from ..runtime.selection import AttentionRule, FitPruneRule, ProjectionReuse, ScoreContext
 from ..stats import CalibrationStats, kendall_tau_layers
 from .data import DataError, SampleSet, batches
 
@@ -38,6 +42,7 @@ class _StatsRecorder:
         self.visual: torch.Tensor | None = None
         self.key_ok: torch.Tensor | None = None
         self.records: list[dict[str, list[np.ndarray]]] = []
+        self.reuse = ProjectionReuse()
         for i, layer in enumerate(adapter.decoder_layers()):
             hooks.add(layer, CallHook(self._hook(i)))
 
@@ -57,16 +62,19 @@ class _StatsRecorder:
                 all_visual=self.visual, key_ok=self.key_ok, prompt_end=length, row_keys=[], mask=call.mask,
             )
             per_row = self.visual.sum(dim=1)
-            if bool((per_row == per_row[0]).all()):
-                parts = [(slice(None), ctx)]
-            else:
-                parts = [(slice(r, r + 1), ctx.unit_context(r, self.visual[r:r + 1])) for r in range(batch)]
-            for rows, sub in parts:
-                cross, selfv = self.fitprune.components(sub)
-                values = {"cross": cross, "selfv": selfv, "last": self.last_rule.score(sub)}
-                for name, value in values.items():
-                    for record, row in zip(self.records[rows], value.float().cpu().numpy()):
-                        record[name].append(row)
+            self.reuse.disarm()
+            with self.reuse.noting(layer):
+                if bool((per_row == per_row[0]).all()):
+                    parts = [(slice(None), ctx)]
+                else:
+                    parts = [(slice(r, r + 1), ctx.unit_context(r, self.visual[r:r + 1])) for r in range(batch)]
+                for rows, sub in parts:
+                    cross, selfv = self.fitprune.components(sub)  # the text rows' softmax, kept in `sub`...
+                    values = {"cross": cross, "selfv": selfv, "last": self.last_rule.score(sub)}  # ...read again
+                    for name, value in values.items():
+                        for record, row in zip(self.records[rows], value.float().cpu().numpy()):
+                            record[name].append(row)
+            self.reuse.arm()  # the layer runs on exactly this input: its q/k projections are the ones above
 
         return hook
 
@@ -98,7 +106,10 @@ def collect_stats(model: Any, processor: Any, adapter: ModelAdapter, data: Sampl
                 raise DataError("a calibration prompt has no image token after processing; check the chat template")
             mask = inputs.get("attention_mask")
             recorder.start(visual, mask.bool() if mask is not None else torch.ones_like(visual))
-            model(**inputs, use_cache=False)
+            try:
+                model(**inputs, use_cache=False)
+            finally:
+                recorder.reuse.disarm()
             samples += [{k: np.stack(v) for k, v in record.items()} for record in recorder.records]
             text_tokens += (recorder.key_ok & ~visual).sum(dim=1).tolist()
             bar.update(len(chunk))

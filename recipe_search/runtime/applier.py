@@ -31,7 +31,7 @@ from transformers import DynamicCache
 from ..hooks import CallHook, HookSet, ModelHook
 from ..models import LayerCall, LiveTokens, ModelAdapter, get_adapter
 from .plan import PruningPlan
-from .selection import Choice, ScoreContext, ScoringRule
+from .selection import Choice, ProjectionReuse, ScoreContext, ScoringRule
 from .vision import VisionStage
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -53,7 +53,8 @@ class _Forward:
     image0: torch.Tensor             # (B, T0) image of each visual token (-1 elsewhere), whatever the policy
     targets: dict[tuple[int, int], list[int]]   # (row, unit) -> visual tokens kept entering each layer
     prompt_end: int
-    row_keys: list[int]
+    row_keys: list[int] | None       # per-row prompt hashes for seeded rules, computed when first needed
+    input_ids: torch.Tensor | None = None
     cache: Any = None                # weakref to the KV cache this prefill filled
     prefill_len: int = 0
     total_len: int = 0               # original columns seen so far (prefill + decoded)
@@ -61,13 +62,33 @@ class _Forward:
     visual: torch.Tensor | None = None   # (B, Lc) live visual-token mask
     unit: torch.Tensor | None = None     # (B, Lc) live unit ids, -1 off visual tokens
     layout: int = 0                  # bumped at every drop: keys the gathered tensors
+    live: dict[tuple[int, int], int] = field(default_factory=dict)  # (row, unit) -> live visual tokens now
+    next_active: int = 0             # first layer from here on that drops or scores (layers before it only pass)
+    prefill_cols: dict[int, torch.Tensor | None] = field(default_factory=dict)  # cols each layer ran with
     layer_cols: dict[int, torch.Tensor] = field(default_factory=dict)  # each layer's KV slots
     step_kv: dict[int, torch.Tensor] = field(default_factory=dict)     # keys of the current decode step
+    step: int = 0                    # decode steps begun
+    kv_groups: dict[Any, "_KVGroup"] = field(default_factory=dict)    # layers sharing one KV layout
+    layer_group: dict[int, "_KVGroup"] = field(default_factory=dict)
     pending_scores: torch.Tensor | None = None  # (B, Lc) previous-layer scores of the live slots
     counts: list[int] = field(default_factory=list)
     gathered: dict[Any, Any] = field(default_factory=dict)
     pruning_started: bool = False
     decode_q: int = 0                # tokens in the current cached step; 0 while prefilling
+
+
+@dataclass
+class _KVGroup:
+    """Decoder layers whose KV caches hold the same slots (same prefill layout, same window): their
+    decode masks are one mask, rebuilt once per step."""
+
+    cols: torch.Tensor               # (B, Lk) original column of each cached slot, -1 on padding slots
+    crop: int | None                 # a sliding-window cache keeps its last `crop` slots after storing
+    window: int | None               # the layers' attention window
+    step: int = -1
+    kv: torch.Tensor | None = None   # slots attended in the current step (cached + new)
+    new: torch.Tensor | None = None  # the current step's query columns
+    masks: dict[Any, torch.Tensor] = field(default_factory=dict)   # per mask dtype, current step
 
 
 @dataclass(frozen=True)
@@ -118,11 +139,17 @@ class PruningHandle:
         self._vision: VisionStage | None = None
         self._cache_arg = cache_argument(model)
         self._prefill_hooks: list[tuple[nn.Module, ModelHook]] = []
+        self._layers = len(layers)
+        self._reuse = ProjectionReuse()  # a cut layer's q/k projections: computed for scoring, reused by the layer
+        #: A plan that keeps every token of every image (and scores nothing ahead) never touches a
+        #: layer: only the top hook runs, to refuse what pruning refuses and to report the counts.
+        self._keeps_all = (plan.vision is None and not score_ahead
+                           and all(c == plan.visual_tokens for c in plan.counts))
         self.hooks = HookSet()
         _ATTACHED[model] = self
         try:
             self.hooks.add(model, CallHook(self._top_hook))
-            for idx, layer in enumerate(layers):
+            for idx, layer in enumerate(layers if not self._keeps_all else ()):
                 self.hooks.add(layer, CallHook(self._layer_hook(idx)))
             self._prefill_hooks = self.adapter.prefill_hooks(self._live)
             for module, hook in self._prefill_hooks:
@@ -138,6 +165,7 @@ class PruningHandle:
     def remove(self) -> None:
         """Detach every hook; the model is exactly as before. Removing twice is harmless."""
         self.hooks.remove()
+        self._reuse.disarm()
         self._state = None
         self.removed = True
         if _ATTACHED.get(self.model) is self:
@@ -162,6 +190,8 @@ class PruningHandle:
 
     # -- top-level hook --------------------------------------------------------------------------
     def _top_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._reuse.armed:
+            self._reuse.disarm()  # left over from a forward that failed
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = _cache_of(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
@@ -171,6 +201,9 @@ class PruningHandle:
         if past == 0:
             self._state = None
             if has_image and input_ids.shape[1] > 1:
+                if self._keeps_all:
+                    self._keep_all_prefill(input_ids, kwargs)
+                    return None
                 kwargs = self._start_prefill(input_ids, kwargs)
             return args, kwargs
         state = self._state
@@ -181,6 +214,14 @@ class PruningHandle:
         if any(v is not None for k, v in kwargs.items() if k.startswith("pixel_values")):
             raise PruningError("continuing a pruned KV cache with a new image is not supported")
         return args, self._start_decode(input_ids, kwargs)
+
+    def _keep_all_prefill(self, input_ids: torch.Tensor, kwargs: dict) -> None:
+        """A prefill under a plan that drops nothing: the model runs untouched; only the counts are noted."""
+        self._check_live()
+        if kwargs.get("labels") is not None:
+            raise PruningError("labels are not supported while pruning: the sequence gets shorter")
+        prompt_end = min(self.prompt_len or input_ids.shape[1], input_ids.shape[1])
+        self.last_counts = [int(self.adapter.visual_mask(input_ids[:1, :prompt_end]).sum())] * self._layers
 
     def _start_prefill(self, input_ids: torch.Tensor, kwargs: dict) -> dict:
         if kwargs.get("labels") is not None:
@@ -208,20 +249,46 @@ class PruningHandle:
         visual = self.adapter.visual_mask(input_ids) & in_prompt  # a generated id is never a placeholder
         image = torch.where(visual, self.adapter.visual_groups(input_ids), -1)
         unit = image if self.plan.images == "per-image" else torch.where(visual, 0, -1)
-        targets: dict[tuple[int, int], list[int]] = {}
-        for row in range(input_ids.shape[0]):
-            ids, sizes = torch.unique(unit[row][visual[row]], return_counts=True)
-            for u, n in zip(ids.tolist(), sizes.tolist()):
-                targets[(row, u)] = self.plan.counts_for(n)
-        valid = attn2d.bool() if attn2d is not None else torch.ones_like(visual)
-        row_keys = [
-            int.from_bytes(hashlib.sha256(ids[ok[:prompt_end]].cpu().numpy().tobytes()).digest()[:8], "little")
-            for ids, ok in zip(input_ids[:, :prompt_end], valid[:, :prompt_end])
-        ]
-        self._state = _Forward(attn2d=attn2d, visual0=visual, unit0=unit, image0=image, targets=targets,
-                               prompt_end=prompt_end,
-                               row_keys=row_keys, prefill_len=length, total_len=length)
-        return self._state
+        live = _unit_sizes(unit)
+        targets = {key: self.plan.counts_for(n) for key, n in live.items()}
+        batch = input_ids.shape[0]
+        state = _Forward(attn2d=attn2d, visual0=visual, unit0=unit, image0=image, targets=targets,
+                         prompt_end=prompt_end, row_keys=None, input_ids=input_ids, prefill_len=length,
+                         total_len=length,
+                         cols=torch.arange(length, device=input_ids.device).expand(batch, -1),
+                         visual=visual, unit=unit, live=live)
+        self._state = state
+        state.next_active = self._next_active(0)
+        return state
+
+    def _row_keys(self, state: _Forward) -> list[int]:
+        """A stable identity of each row's prompt (its non-padding ids), for seeded rules."""
+        if state.row_keys is None:
+            assert state.input_ids is not None
+            ids = state.input_ids[:, :state.prompt_end]
+            valid = (state.attn2d.bool() if state.attn2d is not None else torch.ones_like(ids, dtype=torch.bool))
+            state.row_keys = [
+                int.from_bytes(hashlib.sha256(row[ok[:state.prompt_end]].cpu().numpy().tobytes()).digest()[:8],
+                               "little")
+                for row, ok in zip(ids, valid[:, :state.prompt_end])
+            ]
+        return state.row_keys
+
+    def _drops_at(self, state: _Forward, idx: int) -> bool:
+        """Whether some unit's target entering layer `idx` is below its live count now."""
+        return any(t[idx] < state.live.get(key, 0) for key, t in state.targets.items())
+
+    def _next_active(self, start: int) -> int:
+        """The first layer >= `start` that has work: a drop, a score for the next layer's drop, the vision
+        stage's survivors at layer 0, or (score_ahead) any scoring. Valid until the next drop."""
+        state = self._state
+        assert state is not None
+        for idx in range(start, self._layers):
+            if self.score_ahead or (idx == 0 and self._vision is not None) or self._drops_at(state, idx):
+                return idx
+            if self.plan.score_layer == "previous" and idx + 1 < self._layers and self._drops_at(state, idx + 1):
+                return idx
+        return self._layers
 
     def enter_decoder(self, args: tuple, kwargs: dict) -> None:
         """Run the family's decoder-level prefill hooks on a recorded decoder call, for callers that
@@ -257,6 +324,8 @@ class PruningHandle:
         state.layout = snap.layout + 1_000_000  # gathered tensors of another handle are not ours
         state.pending_scores, state.pruning_started = snap.pending_scores, snap.pruning_started
         state.gathered.clear()
+        state.live = _unit_sizes(state.unit)
+        state.next_active = self._next_active(len(snap.counts))
 
     def _start_decode(self, input_ids: torch.Tensor | None, kwargs: dict) -> dict:
         state = self._state
@@ -278,17 +347,32 @@ class PruningHandle:
             kwargs = {**kwargs, "position_ids": self.adapter.decode_position_ids(text_pos)}
         state.decode_q = q
         state.total_len += q
+        state.step += 1
         return kwargs
 
     # -- per-layer hook --------------------------------------------------------------------------
     def _layer_hook(self, idx: int):
+        last = self._layers - 1
+
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             state = self._state
             if state is None:
                 return None
+            if self._reuse.armed:
+                self._reuse.disarm()  # the previous layer did not call its projections as expected
             if state.decode_q:
                 return self._decode_layer(idx, args, kwargs)
-            return self._prefill_layer(idx, module, args, kwargs)
+            if idx >= state.next_active:
+                return self._prefill_layer(idx, module, args, kwargs)
+            # nothing drops or scores here: note what the layer sees, re-index its call if needed
+            state.counts.append(sum(n for (r, _), n in state.live.items() if r == 0))
+            state.prefill_cols[idx] = state.cols if state.pruning_started else None
+            if idx == last:
+                self.last_counts = list(state.counts)
+            if not state.pruning_started:
+                return None
+            call = self.adapter.read_layer_call(args, kwargs)
+            return self.adapter.write_layer_call(args, kwargs, self._gathered_call(call, call.hidden))
 
         return hook
 
@@ -297,39 +381,50 @@ class PruningHandle:
         assert state is not None
         call = self.adapter.read_layer_call(args, kwargs)
         hidden = call.hidden
-        batch, length = hidden.shape[:2]
-        if state.cols is None:
-            state.cols = torch.arange(length, device=hidden.device).expand(batch, -1)
-            state.visual, state.unit = state.visual0, state.unit0
         keep = self._keep(idx, layer, call)
         if keep is not None:
-            hidden = self._compact(hidden, *keep)
+            hidden, order = self._compact(hidden, *keep)
             state.pruning_started = True
+            state.live = _unit_sizes(state.unit)
+            if self._reuse.noted and not keep[1]:
+                self._reuse.arm(order)  # merged survivors have new states: nothing to reuse then
+        self._reuse.noted.clear()
         state.pending_scores = None
-        state.counts.append(int(state.visual[0].sum()))
-        live_call = self._gathered_call(call, hidden) if state.pruning_started else call
+        state.counts.append(sum(n for (r, _), n in state.live.items() if r == 0))
+        live_call = self._gathered_call(call, hidden) if state.pruning_started else None
         nxt = idx + 1
-        if self.plan.score_layer == "previous" and nxt < len(self.plan.counts) and self._scores_next(nxt):
-            state.pending_scores = self._score_slots(self._context(idx, layer, live_call))
-        if nxt == len(self.plan.counts):
+        if self.plan.score_layer == "previous" and nxt < self._layers and self._scores_next(nxt):
+            score_call = live_call if live_call is not None else self._unpruned_call(call)
+            with self._reuse.noting(layer):
+                state.pending_scores = self._score_slots(self._context(idx, layer, score_call))
+            self._reuse.arm(None)  # the layer runs on exactly these slots
+        if nxt == self._layers:
             self.last_counts = list(state.counts)
-        if state.cache is not None:
-            state.layer_cols[idx] = self._cached_slots(idx, state.cols)
-        if not state.pruning_started:
+        state.prefill_cols[idx] = state.cols if state.pruning_started else None
+        state.next_active = self._next_active(nxt)
+        if live_call is None:
             return args, kwargs
         return self.adapter.write_layer_call(args, kwargs, live_call)
+
+    def _unpruned_call(self, call: LayerCall) -> LayerCall:
+        """`call` as the scoring context reads it before anything was dropped: the model's own tensors,
+        broadcast to the batch (the live slots are the original columns, so nothing is gathered)."""
+        batch = call.hidden.shape[0]
+        rope = None if call.rope is None else tuple(t.expand(batch, -1, -1) for t in call.rope)
+        mask = None if call.mask is None else call.mask.expand(batch, -1, -1, -1)
+        return LayerCall(call.hidden, rope, call.position_ids, mask)
 
     def _scores_next(self, nxt: int) -> bool:
         state = self._state
         assert state is not None and state.unit is not None
-        if self.score_ahead and bool(state.visual.any()):
+        if self.score_ahead and any(state.live.values()):
             return True
-        return any(t[nxt] < self._unit_live(row, u) for (row, u), t in state.targets.items())
+        return self._drops_at(state, nxt)
 
     def _unit_live(self, row: int, unit: int) -> int:
         state = self._state
-        assert state is not None and state.unit is not None
-        return int((state.unit[row] == unit).sum())
+        assert state is not None
+        return state.live.get((row, unit), 0)
 
     def _keep(self, idx: int, layer: nn.Module, call: LayerCall) -> tuple[torch.Tensor, list] | None:
         """(B, Lc) slots that survive entering layer `idx` and the merges to apply, or None if nothing drops."""
@@ -351,21 +446,22 @@ class PruningHandle:
                 slots = (state.unit[r] == u).nonzero()[:, 0]
                 self._drop(keep, r, slots, Choice.top(state.pending_scores[r, slots][None], k))
             return keep, merges
-        live_call = self._gathered_call(call, call.hidden)
+        live_call = self._gathered_call(call, call.hidden) if state.pruning_started else self._unpruned_call(call)
         ctx = self._context(idx, layer, live_call)
         rows_units = {r for r, _, _ in todo}
-        if len(todo) == ctx.hidden.shape[0] == len(rows_units) and len({k for *_, k in todo}) == 1 \
-                and len(state.targets) == len(todo) and len({self._unit_live(r, u) for r, u, _ in todo}) == 1:
-            # every row is one unit with the same live count and target: one batched call
-            choice = self.plan.rule.select(ctx, todo[0][2])
-            for r, _, _ in todo:
-                slots = state.visual[r].nonzero()[:, 0]
-                self._drop(keep, r, slots, _row(choice, r), merges)
-            return keep, merges
-        for r, u, k in todo:
-            sub = ctx.unit_context(r, state.unit[r:r + 1] == u)
-            slots = (state.unit[r] == u).nonzero()[:, 0]
-            self._drop(keep, r, slots, self.plan.rule.select(sub, k), merges)
+        with self._reuse.noting(layer):
+            if len(todo) == ctx.hidden.shape[0] == len(rows_units) and len({k for *_, k in todo}) == 1 \
+                    and len(state.targets) == len(todo) and len({self._unit_live(r, u) for r, u, _ in todo}) == 1:
+                # every row is one unit with the same live count and target: one batched call
+                choice = self.plan.rule.select(ctx, todo[0][2])
+                for r, _, _ in todo:
+                    slots = state.visual[r].nonzero()[:, 0]
+                    self._drop(keep, r, slots, _row(choice, r), merges)
+                return keep, merges
+            for r, u, k in todo:
+                sub = ctx.unit_context(r, state.unit[r:r + 1] == u)
+                slots = (state.unit[r] == u).nonzero()[:, 0]
+                self._drop(keep, r, slots, self.plan.rule.select(sub, k), merges)
         return keep, merges
 
     def _vision_keep(self, kept: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -397,8 +493,9 @@ class PruningHandle:
         if choice.merge is not None and merges is not None:
             merges.append((row, survivors, slots, choice.merge[0]))
 
-    def _compact(self, hidden: torch.Tensor, keep: torch.Tensor, merges: list) -> torch.Tensor:
-        """Keep the surviving slots of every row in order, left-padding shorter rows; apply merges."""
+    def _compact(self, hidden: torch.Tensor, keep: torch.Tensor, merges: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the surviving slots of every row in order, left-padding shorter rows; apply merges.
+        Returns the new hidden states and, for each new slot, the old slot it came from."""
         state = self._state
         assert state is not None and state.cols is not None and state.visual is not None and state.unit is not None
         if merges:
@@ -413,28 +510,31 @@ class PruningHandle:
         state.unit = torch.where(real, state.unit.gather(1, order), -1)
         state.layout += 1
         state.gathered.clear()
-        return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+        return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1])), order
 
     # -- what the layer sees ---------------------------------------------------------------------
     def _gathered_call(self, call: LayerCall, hidden: torch.Tensor) -> LayerCall:
         """`call` with rotary tables, position ids and mask re-indexed to the live slots."""
         state = self._state
         assert state is not None and state.cols is not None
+        sources = (call.rope[0] if call.rope is not None else None, call.position_ids, call.mask)
+        key = ("call", *(id(t) for t in sources))
+        hit = state.gathered.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], sources)):
+            return LayerCall(hidden, *hit[1])  # layers between two drops share the model's tensors
         idx = state.cols.clamp(min=0)
         rope = None
         if call.rope is not None:
-            key = ("rope", id(call.rope[0]), state.layout)
-            if key not in state.gathered:
-                index = idx[..., None].expand(-1, -1, call.rope[0].shape[-1])
-                state.gathered[key] = tuple(
-                    t.expand(idx.shape[0], -1, -1).gather(1, index) for t in call.rope)
-            rope = state.gathered[key]
+            index = idx[..., None].expand(-1, -1, call.rope[0].shape[-1])
+            rope = tuple(t.expand(idx.shape[0], -1, -1).gather(1, index) for t in call.rope)
         positions = None
         if call.position_ids is not None:
             lead = call.position_ids.shape[:-2]
             expanded = call.position_ids.expand(*lead, idx.shape[0], call.position_ids.shape[-1])
             positions = expanded.gather(-1, idx.expand(*lead, *idx.shape))
         mask = self._prefill_mask(call.mask)
+        # the sources are held with the result, so their ids cannot be reused while it is cached
+        state.gathered[key] = (sources, (rope, positions, mask))
         return LayerCall(hidden, rope, positions, mask)
 
     def _prefill_mask(self, like: torch.Tensor | None) -> torch.Tensor | None:
@@ -444,9 +544,10 @@ class PruningHandle:
         pads = state.cols < 0
         if like is None and not bool(pads.any()):
             return None  # the backend's causal kernel is exact on an order-preserving subsequence
-        key = ("mask", id(like), state.layout)
-        if key in state.gathered:
-            return state.gathered[key]
+        key = ("mask", id(like))
+        hit = state.gathered.get(key)
+        if hit is not None and hit[0] is like:
+            return hit[1]
         idx = state.cols.clamp(min=0)
         batch, width = idx.shape
         if like is None:
@@ -460,8 +561,9 @@ class PruningHandle:
             dtype = like.dtype
         eye = torch.eye(width, dtype=torch.bool, device=idx.device)
         allowed = (allowed & ~pads[:, None, None, :]) | (eye & pads[:, None, :, None])
-        state.gathered[key] = self._format(allowed, dtype)
-        return state.gathered[key]
+        mask = self._format(allowed, dtype)
+        state.gathered[key] = (like, mask)
+        return mask
 
     def _allowed(self, state: _Forward, q_cols: torch.Tensor, kv_cols: torch.Tensor,
                  window: int | None = None) -> torch.Tensor:
@@ -485,16 +587,6 @@ class PruningHandle:
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
 
-    def _cached_slots(self, idx: int, slots: torch.Tensor) -> torch.Tensor:
-        """What layer `idx`'s KV cache holds after storing `slots`: a sliding-window cache keeps the last W-1."""
-        state = self._state
-        assert state is not None
-        cache = state.cache() if state.cache is not None else None
-        layers = getattr(cache, "layers", None)
-        if layers is not None and idx < len(layers) and getattr(layers[idx], "is_sliding", False):
-            return slots[:, -(int(layers[idx].sliding_window) - 1):]
-        return slots
-
     def _context(self, idx: int, layer: nn.Module, call: LayerCall) -> ScoreContext:
         state = self._state
         assert state is not None and state.cols is not None and state.visual is not None
@@ -504,7 +596,8 @@ class PruningHandle:
         return ScoreContext(
             adapter=self.adapter, layer=layer, layer_idx=idx, hidden=call.hidden, rope=call.rope,
             cols=state.cols, visual=state.visual, all_visual=state.visual, key_ok=key_ok,
-            prompt_end=state.prompt_end, row_keys=state.row_keys, mask=call.mask,
+            prompt_end=state.prompt_end, row_keys=_LazyRowKeys(lambda: self._row_keys(state), state.cols.shape[0]),
+            mask=call.mask,
         )
 
     def _score_slots(self, ctx: ScoreContext) -> torch.Tensor:
@@ -530,18 +623,88 @@ class PruningHandle:
         assert state is not None
         if not state.pruning_started:
             return None
-        kept = state.layer_cols[idx]
-        q = state.decode_q
-        batch = kept.shape[0]
-        new = torch.arange(state.total_len - q, state.total_len, device=kept.device).expand(batch, -1)
-        kv = torch.cat([kept, new], dim=1)
-        state.step_kv[idx] = kv
-        state.layer_cols[idx] = self._cached_slots(idx, kv)
+        group = state.layer_group.get(idx) or self._kv_group(idx)
+        if group.step != state.step:  # first layer of this layout in this step: extend its slots once
+            q = state.decode_q
+            new = torch.arange(state.total_len - q, state.total_len, device=group.cols.device)
+            new = new.expand(group.cols.shape[0], -1)
+            group.kv = torch.cat([group.cols, new], dim=1)
+            group.cols = group.kv if group.crop is None else group.kv[:, -group.crop:]
+            group.step, group.new, group.masks = state.step, new, {}
+        state.step_kv[idx] = group.kv
+        state.layer_cols[idx] = group.cols
         call = self.adapter.read_layer_call(args, kwargs)
         like = call.mask
-        allowed = self._allowed(state, new, kv, self.adapter.layer_window(idx))[:, None]
-        mask = self._format(allowed, like.dtype if like is not None else None)
+        dtype = like.dtype if like is not None else None
+        mask = group.masks.get(dtype)
+        if mask is None:
+            allowed = self._allowed(state, group.new, group.kv, group.window)[:, None]
+            mask = group.masks[dtype] = self._format(allowed, dtype)
         return self.adapter.write_layer_call(args, kwargs, LayerCall(call.hidden, call.rope, call.position_ids, mask))
+
+    def _kv_group(self, idx: int) -> _KVGroup:
+        """The KV group of layer `idx`, from the slots it stored at prefill (made at the first decode step)."""
+        state = self._state
+        assert state is not None
+        cols = state.prefill_cols.get(idx)
+        if cols is None:
+            cols = torch.arange(state.prefill_len, device=state.visual0.device).expand(state.visual0.shape[0], -1)
+        cache = state.cache() if state.cache is not None else None
+        layers = getattr(cache, "layers", None)
+        crop = None
+        if layers is not None and idx < len(layers) and getattr(layers[idx], "is_sliding", False):
+            crop = int(layers[idx].sliding_window) - 1
+        window = self.adapter.layer_window(idx)
+        key = (id(state.prefill_cols.get(idx)), crop, window)
+        group = state.kv_groups.get(key)
+        if group is None:
+            group = state.kv_groups[key] = _KVGroup(cols if crop is None else cols[:, -crop:], crop, window)
+        state.layer_group[idx] = group
+        return group
+
+
+def _unit_sizes(unit: torch.Tensor) -> dict[tuple[int, int], int]:
+    """(row, unit) -> number of slots of that unit in `unit` (B, L) (-1: not a visual token), row-major."""
+    on = unit >= 0
+    if not bool(on.any()):
+        return {}
+    width = int(unit.max()) + 1
+    key = torch.arange(unit.shape[0], device=unit.device)[:, None] * width + unit
+    sizes = torch.bincount(key[on], minlength=unit.shape[0] * width)
+    found = sizes.nonzero()[:, 0]
+    return {(int(k) // width, int(k) % width): int(n) for k, n in zip(found.tolist(), sizes[found].tolist())}
+
+
+class _LazyRowKeys(list):
+    """`ScoreContext.row_keys`, hashed on first read: only seeded rules read them. Its length (the
+    batch) is known up front; a slice is lazy too."""
+
+    def __init__(self, compute: Any, size: int) -> None:
+        super().__init__()
+        self._compute, self._size, self._done = compute, size, False
+
+    def _filled(self) -> "_LazyRowKeys":
+        if not self._done:
+            self._done = True
+            self.extend(self._compute())
+        return self
+
+    def __iter__(self):  # type: ignore[override]
+        return list.__iter__(self._filled())
+
+    def __getitem__(self, item):  # type: ignore[override]
+        if isinstance(item, slice):
+            return _LazyRowKeys(lambda: list.__getitem__(self._filled(), item), len(range(self._size)[item]))
+        return list.__getitem__(self._filled(), item)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == other
 
 
 def _row(choice: Choice, row: int) -> Choice:

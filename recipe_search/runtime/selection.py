@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -45,6 +46,14 @@ class ScoreContext:
     mask: torch.Tensor | None = None
     _qk: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)  # rows and attention computed once per context
+
+    #: `head_reduced_sum` works on chunks of about this many attention entries (rows x heads x keys, one
+    #: batch row at a time), so a chunk's logits, mask and softmax stay in cache: 32-96 query rows of 616
+    #: keys and 16 heads measured best on a 2 MB L2. Smaller problems run as one chunk of the whole batch.
+    CHUNK_ELEMENTS: ClassVar[int] = 1 << 19
+    ONE_SHOT_ELEMENTS: ClassVar[int] = 1 << 21
+
     @property
     def num_visual(self) -> int:
         return int(self.visual[0].sum())
@@ -63,7 +72,9 @@ class ScoreContext:
 
     def visual_positions(self) -> torch.Tensor:
         """(B, n_vis) indices of the candidate visual tokens in the current sequence, in order."""
-        return self.visual.nonzero()[:, 1].view(self.visual.shape[0], -1)
+        if "visual_positions" not in self._memo:
+            self._memo["visual_positions"] = self.visual.nonzero()[:, 1].view(self.visual.shape[0], -1)
+        return self._memo["visual_positions"]
 
     def text_mask(self) -> torch.Tensor:
         """(B, Lc) prompt tokens that are neither visual nor padding."""
@@ -74,9 +85,12 @@ class ScoreContext:
             self._qk = self.adapter.query_key(self.layer, self.hidden, self.rope)
         return self._qk
 
-    def _row_logits(self, rows: torch.Tensor) -> torch.Tensor:
+    def _row_logits(self, rows: torch.Tensor, keys: int | None = None) -> torch.Tensor:
+        """Logits (B, H, R, keys) of query rows `rows` against the first `keys` keys (all by default)."""
         q, k = self.query_key()
         q_rows = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+        if keys is not None and keys < k.shape[2]:
+            k = k[:, :, :keys]
         return self.adapter.attention_logits(self.layer, q_rows, k)
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
@@ -92,25 +106,178 @@ class ScoreContext:
         row_cols = self.cols.gather(1, rows)
         return self.key_ok[:, None, :] & (self.cols[:, None, :] <= row_cols[:, :, None])
 
+    def _softmax_rows(self, rows: torch.Tensor, truncate: bool) -> tuple[torch.Tensor, int]:
+        """Softmax attention (B, H, R, K) of query rows `rows`, masked as the layer masks, over the first K
+        keys: every key when `truncate` is False, else up to the last key any of the rows may attend to
+        (the rest would be exact zeros)."""
+        ok = self.allowed(rows)
+        keys = ok.shape[-1]
+        if truncate:
+            any_key = ok.any(dim=1).any(dim=0)
+            keys = int(any_key.nonzero()[-1, 0]) + 1 if bool(any_key.any()) else 1
+            ok = ok[..., :keys]
+        logits = self._row_logits(rows, keys)
+        # adding a 0 / -inf bias is exact and, broadcast over heads, far faster than masked_fill on a CPU
+        bias = torch.zeros(ok.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~ok, float("-inf"))
+        probs = torch.softmax(logits.add_(bias[:, None]), dim=-1)
+        if not bool(ok.any(dim=-1).all()):
+            probs = probs.nan_to_num_(0.0)  # a row with no key to attend to (a padding query)
+        return probs, keys
+
     def attention(self, rows: torch.Tensor) -> torch.Tensor:
         """Softmax attention (B, H, R, Lc) of query rows `rows` (B, R), masked as the layer masks."""
-        logits = self._row_logits(rows).masked_fill(~self.allowed(rows)[:, None], float("-inf"))
-        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        return self._softmax_rows(rows, truncate=False)[0]
+
+    def head_reduced_sum(self, rows: torch.Tensor, heads: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Lc): sum over the query rows `rows` (B, R) of their head-reduced ("max" or "mean") attention,
+        each row weighted by `weights` (B, R) if given. Computed in chunks of rows, each over the keys its
+        rows can reach only, so the (B, H, R, Lc) attention is never built."""
+        batch, count = rows.shape
+        per_row = self.query_key()[0].shape[1] * self.cols.shape[1]  # heads x keys
+        if batch * count * per_row <= self.ONE_SHOT_ELEMENTS:
+            step = max(1, count)
+        elif batch > 1:  # one batch row at a time keeps a chunk in cache and its matrix products large
+            return torch.cat([
+                self.unit_context(b, self.visual[b:b + 1]).head_reduced_sum(
+                    rows[b:b + 1], heads, None if weights is None else weights[b:b + 1])
+                for b in range(batch)])
+        else:
+            step = max(16, self.CHUNK_ELEMENTS // per_row)
+        out = torch.zeros(batch, self.cols.shape[1], dtype=torch.float32, device=rows.device)
+        for start in range(0, count, step):
+            chunk = rows[:, start:start + step]
+            probs, keys = self._softmax_rows(chunk, truncate=True)
+            reduced = _reduce_heads(probs, heads)
+            if weights is not None:
+                reduced = reduced * weights[:, start:start + step, None].to(reduced.dtype)
+            out[:, :keys] += reduced.sum(dim=1)
+        return out
 
     def last_prompt_row(self) -> torch.Tensor:
         """(B, 1) index of the last prompt token (the query FastV and G-Search rank by)."""
-        return (self.cols == self.prompt_end - 1).float().argmax(dim=1, keepdim=True)
+        if "last_prompt_row" not in self._memo:
+            self._memo["last_prompt_row"] = (self.cols == self.prompt_end - 1).float().argmax(dim=1, keepdim=True)
+        return self._memo["last_prompt_row"]
 
     def text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices (B, T) of the prompt tokens after the candidates, and a validity mask (B, T)."""
-        vis_cols = self.cols.masked_fill(~self.visual, -1)
-        last_visual = vis_cols.max(dim=1, keepdim=True).values
-        after = (self.cols > last_visual) & self.text_mask()
-        count = after.sum(dim=1)
-        width = int(count.max())
-        order = torch.sort((~after).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        valid = torch.arange(width, device=count.device)[None, :] < count[:, None]
-        return order, valid
+        if "text_rows" not in self._memo:
+            vis_cols = self.cols.masked_fill(~self.visual, -1)
+            last_visual = vis_cols.max(dim=1, keepdim=True).values
+            after = (self.cols > last_visual) & self.text_mask()
+            count = after.sum(dim=1)
+            width = int(count.max())
+            order = torch.sort((~after).to(torch.int8), dim=1, stable=True).indices[:, :width]
+            valid = torch.arange(width, device=count.device)[None, :] < count[:, None]
+            self._memo["text_rows"] = (order, valid)
+        return self._memo["text_rows"]
+
+    def text_attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`text_rows()` and their softmax attention (B, H, T, Lc), computed once per context (the text
+        rows are few; FitPrune's cross term, the text query and, when it is among them, the last prompt
+        token all read it)."""
+        if "text_attention" not in self._memo:
+            rows, valid = self.text_rows()
+            self._memo["text_attention"] = (rows, valid, self.attention(rows))
+        return self._memo["text_attention"]
+
+    def last_row_attention(self) -> torch.Tensor:
+        """(B, H, Lc) attention of the last prompt token: read from `text_attention()` when that was
+        already computed and holds the row, else computed for that one row."""
+        last = self.last_prompt_row()
+        memo = self._memo.get("text_attention")
+        if memo is not None:
+            rows, valid, probs = memo
+            hit = (rows == last) & valid
+            if bool(hit.any(dim=1).all()):
+                at = hit.to(torch.int8).argmax(dim=1)
+                return probs[torch.arange(rows.shape[0], device=rows.device), :, at]
+        return self.attention(last)[:, :, 0]
+
+
+class ProjectionReuse:
+    """Queries and keys projected for scoring, handed to the layer's own attention instead of projected twice.
+
+    A rule scoring at layer l recomputes the layer's query and key projections for every live token
+    (`ScoreContext.query_key`, through the adapter); the layer then projects its own input again.
+    While the rule scores, `noting(layer)` records the input and output of each of the layer's linear
+    modules that the adapter calls once (by the adapter contract, the projections the layer's attention
+    calls too); `arm(order)` then gives the next call of each such module the recorded rows (`order`
+    (B, W): the slots that survive, in the layer's order; None: all, unchanged) in place of computing
+    them: the call's input is swapped for an empty one and its output for those rows. The layer's
+    actual input is first compared exactly with the recorded input at each batch row's last slot; on
+    any difference, or if the module is not called next as expected, it computes as usual. Merged
+    survivors (rewritten hidden states) must not be armed.
+    """
+
+    def __init__(self) -> None:
+        self.noted: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.armed: list[Any] = []
+
+    @contextmanager
+    def noting(self, layer: nn.Module) -> Iterator[None]:
+        self.noted.clear()
+        calls: dict[nn.Module, int] = {}
+
+        def note(module: nn.Module, args: tuple, output: Any) -> None:
+            calls[module] = calls.get(module, 0) + 1
+            if args and torch.is_tensor(args[0]) and torch.is_tensor(output):
+                self.noted[module] = (args[0], output)
+
+        # plain linear modules only: a quantised or otherwise special projection computes as usual
+        handles = [m.register_forward_hook(note) for m in layer.modules() if type(m) is nn.Linear]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for module, n in calls.items():
+                if n != 1:
+                    self.noted.pop(module, None)  # called more than once: which call would the layer repeat?
+
+    def arm(self, order: torch.Tensor | None = None) -> None:
+        self.disarm()
+        for module, (x, out) in self.noted.items():
+            if x.ndim != 3 or out.ndim != 3:
+                continue
+            if order is None:
+                last = x[:, -1:]
+            else:
+                last = x.gather(1, order[:, -1:, None].expand(-1, -1, x.shape[-1]))
+                out = out.gather(1, order[..., None].expand(-1, -1, out.shape[-1]))
+            self._arm_one(module, last, out)
+        self.noted.clear()
+
+    def _arm_one(self, module: nn.Module, last: torch.Tensor, out: torch.Tensor) -> None:
+        handed = [False]
+        own: list[Any] = []
+
+        def release() -> None:
+            for h in own:
+                h.remove()
+                if h in self.armed:
+                    self.armed.remove(h)
+
+        def pre(mod: nn.Module, args: tuple) -> tuple | None:
+            x = args[0] if args else None
+            if (torch.is_tensor(x) and x.shape[:-1] == out.shape[:-1] and x.dtype == last.dtype
+                    and torch.equal(x[:, -1:], last)):
+                handed[0] = True
+                return (x[:, :0], *args[1:])
+            release()
+            return None
+
+        def post(mod: nn.Module, args: tuple, output: Any) -> Any:
+            release()
+            return out if handed[0] else None
+
+        own += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        self.armed += own
+
+    def disarm(self) -> None:
+        for h in self.armed:
+            h.remove()
+        self.armed.clear()
 
 
 @dataclass(frozen=True)
@@ -188,10 +355,10 @@ class AttentionRule(ScoringRule):
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         vis = ctx.visual_positions()
         if self.query == "last":
-            probs = _reduce_heads(ctx.attention(ctx.last_prompt_row()), self.heads)[:, 0]
+            probs = _reduce_heads(ctx.last_row_attention()[:, :, None], self.heads)[:, 0]
         else:
-            rows, valid = ctx.text_rows()
-            per_row = _reduce_heads(ctx.attention(rows), self.heads) * valid[..., None]
+            _, valid, attention = ctx.text_attention()
+            per_row = _reduce_heads(attention, self.heads) * valid[..., None]
             probs = per_row.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
         return probs.gather(1, vis)
 
@@ -214,10 +381,10 @@ class FitPruneRule(ScoringRule):
         """(cross, self), each (B, n_vis): mean attention from post-image prompt text to each visual
         token, and the attention each visual token receives from the visual tokens, over n_vis."""
         vis = ctx.visual_positions()
-        rows, valid = ctx.text_rows()
-        text = _reduce_heads(ctx.attention(rows), self.heads) * valid[..., None]
+        _, valid, attention = ctx.text_attention()
+        text = _reduce_heads(attention, self.heads) * valid[..., None]
         cross = text.sum(1).gather(1, vis) / valid.sum(1, keepdim=True).clamp(min=1)
-        selfv = _reduce_heads(ctx.attention(vis), self.heads).sum(1).gather(1, vis) / vis.shape[1]
+        selfv = ctx.head_reduced_sum(vis, self.heads).gather(1, vis) / vis.shape[1]
         return cross, selfv
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
