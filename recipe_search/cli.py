@@ -178,7 +178,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> a
 
 def _config_value(path: str, key: str, action: argparse.Action, value: Any) -> Any:
     """`value` checked against what the option accepts on the command line."""
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ValueError(f"--config {path}: {key} must be true or false, not {value!r}")
         return value

@@ -18,7 +18,7 @@ from .recipe.build import make_recipe
 from .recipe.identity import model_identity
 from .recipe.schema import CalibrationRecord, Recipe
 from .runtime.selection import make_rule
-from .methods import METHODS, InfeasibleBudgetError, SearchResult
+from .methods import METHODS, SearchResult
 from .methods import gsearch, psigmoid
 from .methods.objective import ScheduleScorer
 from .methods.optimizers import default_storage, make_backend, optimizer_name

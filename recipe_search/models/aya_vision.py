@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ModelAdapter, register_family
+from .base import ModelAdapter, pil_processor, register_family
 
 
 @register_family
@@ -47,10 +47,7 @@ class AyaVisionAdapter(ModelAdapter):
     @classmethod
     def load_processor(cls, source: str) -> Any:
         """AyaVisionProcessor with the PIL GOT-OCR2 image processor (no torchvision)."""
-        from transformers import AutoTokenizer, AyaVisionProcessor, GotOcr2ImageProcessorPil
+        from transformers import AyaVisionProcessor, GotOcr2ImageProcessorPil
 
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        image_processor = GotOcr2ImageProcessorPil.from_pretrained(source, local_files_only=True)
-        processor_dict, _ = AyaVisionProcessor.get_processor_dict(source, local_files_only=True)
-        return AyaVisionProcessor.from_args_and_dict([image_processor, tokenizer], processor_dict)
+        return pil_processor(source, AyaVisionProcessor, GotOcr2ImageProcessorPil)
 

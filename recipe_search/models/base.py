@@ -393,6 +393,17 @@ class ModelAdapter(ABC):
         return digest.hexdigest()[:16]
 
 
+def pil_processor(source: str, processor_class: Any, image_processor_class: Any) -> Any:
+    """`processor_class` built from a checkpoint folder with a PIL image processor, so no
+    torchvision is needed (AutoProcessor would pick a torchvision-backed one)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    image_processor = image_processor_class.from_pretrained(source, local_files_only=True)
+    processor_dict, _ = processor_class.get_processor_dict(source, local_files_only=True)
+    return processor_class.from_args_and_dict([image_processor, tokenizer], processor_dict)
+
+
 def chat_prompt(processor: Any, question: str, images: int = 1) -> str:
     """One user turn with `images` images and a question, rendered by the processor's own template."""
     content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": question}]

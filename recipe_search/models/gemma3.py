@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import ModelAdapter, UnsupportedModelError, register_family
+from .base import ModelAdapter, UnsupportedModelError, pil_processor, register_family
 
 
 @register_family
@@ -50,12 +50,9 @@ class Gemma3Adapter(ModelAdapter):
     @classmethod
     def load_processor(cls, source: str) -> Any:
         """Gemma3Processor with the PIL image processor (no torchvision, no video processor)."""
-        from transformers import AutoTokenizer, Gemma3ImageProcessorPil, Gemma3Processor
+        from transformers import Gemma3Processor, Gemma3ImageProcessorPil
 
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        image_processor = Gemma3ImageProcessorPil.from_pretrained(source, local_files_only=True)
-        processor_dict, _ = Gemma3Processor.get_processor_dict(source, local_files_only=True)
-        return Gemma3Processor.from_args_and_dict([image_processor, tokenizer], processor_dict)
+        return pil_processor(source, Gemma3Processor, Gemma3ImageProcessorPil)
 
     def processor_images(self, per_prompt: list[list[Image.Image]]) -> Any:
         """Gemma3Processor wants one list of images per prompt (it counts them per prompt)."""
