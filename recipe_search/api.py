@@ -15,7 +15,7 @@ from .calibration.data import DataError, Sample, SampleSet, load_samples, open_i
 from .recipe.schema import Recipe
 
 #: What `search` runs when no method is named.
-DEFAULT_METHOD = "fitprune"
+DEFAULT_METHOD = "auto"
 
 
 def checkpoint_path(model: str | Path) -> str:
@@ -85,20 +85,22 @@ def _budgets(budget: str | float | Sequence[str | float] | None, formula: str) -
 
 def search(model: Any, data: Any, budget: str | float | Sequence[str | float] | None = "50%", *,
            method: str | None = None, processor: Any = None, rule: str | None = None, formula: str = "full",
-           num_samples: int = 64, cache_dir: str | Path | None = None, batch_size: int = 8,
+           num_samples: int | None = None, cache_dir: str | Path | None = None, batch_size: int = 8,
            progress: bool = True, search_set: Any = None, device: str = "cpu", dtype: str = "float32",
            **options: Any) -> list[Recipe]:
     """Recipes for `model` meeting each `budget` ("50%", 0.5, "64tok", "50%,25%" or a list).
 
     A path or "demo" is loaded on `device` ("cpu", "cuda", "auto" for accelerate's device map) in
-    `dtype`. `method` names a search (default: `DEFAULT_METHOD`); `rule` puts another selection rule into the
-    recipes; the remaining keyword options are those of the searches (`pipeline.SearchOptions`:
-    start_layer, metric, tolerance, optimizer, n_trials, seed, storage, images, ...).
+    `dtype`. `method` names a search (default: `DEFAULT_METHOD`, which tries every schedule and rule and
+    picks on held-out samples); `rule` limits auto and P-Sigmoid to one selection rule, or puts it into
+    another method's recipes; the remaining keyword options are those of the searches (`pipeline.SearchOptions`:
+    start_layer, metric, tolerance, optimizer, n_trials, seed, storage, images, time_budget, ...).
     """
     from .methods import METHODS
     from .pipeline import SearchOptions, search_recipes
 
     method = method or DEFAULT_METHOD
+    num_samples = num_samples or (128 if method == "auto" else 64)  # auto keeps every other one for validation
     budgetless = METHODS.get(method).budgetless
     known = {f.name for f in dataclasses.fields(SearchOptions)}
     unknown = sorted(set(options) - known)

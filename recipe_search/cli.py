@@ -11,13 +11,16 @@ from typing import Any, Sequence
 
 EPILOG = """\
 examples:
-  search-recipe --budget 50%                  demo model + demo data, FitPrune, recipe + plot + report
+  search-recipe --budget 50%                  demo model + demo data, the best recipe the default search
+                                              finds (every schedule and rule, picked on held-out samples)
   search-recipe --budget 50%,25%,12.5%        one calibration pass, one recipe per budget, one plot
+  search-recipe --budget 50% --time-budget 60 the same search bounded to one minute
+  search-recipe --budget 50% --method fitprune  one method alone (milliseconds after calibration)
   search-recipe --budget 64tok                mean of 64 visual tokens per layer instead of a FLOPs share
   search-recipe --model ./llava-1.5-7b-hf --calib calib.jsonl --budget 40%
   search-recipe plot out/*.json --out curves.png
-  search-recipe eval out/demo-fitprune-50pct.json      accuracy and prefill time of an existing recipe
-  search-recipe --budget 25% --rule ficoco-l        any method, another selection rule (recorded)
+  search-recipe eval out/demo-auto-50pct.json          accuracy and prefill time of an existing recipe
+  search-recipe --budget 25% --rule dart            only this selection rule (recorded)
   search-recipe compare --budget 50%,25%,12.5%          every rule x budget: table + Pareto plot
   search-recipe --config search.yaml --budget 25%       options from YAML (flags win); every run writes
                                                         OUT/search.yaml, which reproduces it
@@ -69,20 +72,21 @@ def _search_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
     from .methods.optimizers import OPTIMIZERS
 
-    p.add_argument("--method", default="fitprune", choices=METHODS.names(),
+    p.add_argument("--method", default="auto", choices=METHODS.names(),
                    help="; ".join(f"{m.name}: {m.summary}" for m in (METHODS[n] for n in METHODS)))
     p.add_argument("--rule", default=None,
-                   help="selection rule replacing the method's own: attention, fitprune, random, ficoco-l, dart "
-                        "(in the LLM) or ficoco-v, freepruner (freePruner-style) (in the vision tower: the "
-                        "schedule's first cut happens before the LLM); recorded in the recipe")
+                   help="selection rule: attention, fitprune, random, ficoco-l, dart (in the LLM) or ficoco-v, "
+                        "freepruner (freePruner-style) (in the vision tower: the schedule's first cut happens "
+                        "before the LLM). auto and psigmoid then search with this rule only; other methods "
+                        "get it in place of their own. Default: auto and psigmoid try every rule; recorded")
     p.add_argument("--images", default="per-image", choices=["per-image", "pooled"],
                    help="prompts with several images (or video frames): each image keeps its share of every "
                         "layer's count (per-image, default) or all compete for one pool (pooled); recorded")
     p.add_argument("--calib", default="demo", help="calibration data: 'demo', a .jsonl file (\"image\": a path "
                                                    "or a list of paths) or a dataset folder")
-    p.add_argument("--num-samples", type=int, default=64,
-                   help="calibration samples (default: 64); from larger data, a seeded draw stratified by "
-                        "question type or answer")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="calibration samples (default: 128 for auto, which keeps every other one for validation, "
+                        "64 otherwise); from larger data, a seeded draw stratified by question type or answer")
     p.add_argument("--image-folder", default=None,
                    help="folder that --calib's image paths are relative to (default: the data file's folder)")
     p.add_argument("--turns", default="first", choices=["first", "all"],
@@ -95,12 +99,16 @@ def _search_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-layer", type=int, default=None,
                    help="first decoder layer that may drop tokens (default: 0 for fitprune and uniform, 2 for "
                         "fastv and gsearch, 2 for psigmoid or 1 when the budget needs it)")
-    g = p.add_argument_group("gsearch / psigmoid (score schedules on what the model answers)")
+    g = p.add_argument_group("auto / gsearch / psigmoid (score schedules on what the model answers)")
+    g.add_argument("--time-budget", type=float, default=600.0,
+                   help="auto: seconds for the whole search over every budget (default: 600; the demo at three "
+                        "budgets needs about two minutes); the best recipe found in time is written")
     g.add_argument("--search-set", default=None,
                    help="samples the schedules are scored on: 'demo', .jsonl or dataset folder (default: the "
-                        "calibration samples)")
-    g.add_argument("--metric", default="agreement", choices=["agreement", "accuracy"],
-                   help="agreement with the unpruned model's answers (label-free, default) or accuracy")
+                        "calibration samples); for auto, the validation samples that pick the winner")
+    g.add_argument("--metric", default=None, choices=["agreement", "accuracy"],
+                   help="agreement with the unpruned model's answers (label-free) or accuracy; default: "
+                        "accuracy for auto when every sample has an answer, else agreement")
     g.add_argument("--tolerance", type=float, default=0.0, help="gsearch: allowed metric drop (default: 0)")
     g.add_argument("--optimizer", default="optuna", choices=OPTIMIZERS.names(),
                    help="psigmoid: optuna TPE (default), optuna's GP sampler, or scikit-optimize GP-EI")
@@ -312,6 +320,8 @@ class _Session:
         start = recipe.method.params.get("start_layer", recipe.method.params.get("drop_layer"))
         print(f"  search: {recipe.method.name}, pruning from layer {start} ({found}); selection rule "
               f"{recipe.selection.rule}, scored at the {recipe.selection.score_layer} layer")
+        if recipe.method.name == "auto":
+            _print_candidates(recipe.method.result)
         if recipe.vision is not None:
             print(f"  pre-LLM stage: {recipe.vision.rule} keeps {recipe.schedule.counts[0]} of "
                   f"{recipe.schedule.visual_tokens} patches at vision encoder layer {recipe.vision.encoder_layer}; "
@@ -375,8 +385,12 @@ def _run_search(argv: Sequence[str]) -> int:
         budgets = []
     else:  # validate before any heavy import or loading
         budgets = parse_budgets("50%" if args.budget is None else args.budget, args.formula)
+    if args.num_samples is None:
+        args.num_samples = 128 if args.method == "auto" else 64
     _check_positive(num_samples=args.num_samples, eval_samples=args.eval_samples, batch_size=args.batch_size,
                     n_trials=args.n_trials, n_workers=args.n_workers)
+    if not args.time_budget > 0:
+        raise ValueError(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     _check_start_layer(args.start_layer)
     check_writable(args.out, args.plot)
     if not 0 <= args.tolerance < 1:
@@ -410,7 +424,7 @@ def _run_search(argv: Sequence[str]) -> int:
             start_layer=args.start_layer, metric=args.metric, tolerance=args.tolerance, optimizer=args.optimizer,
             n_trials=args.n_trials, n_startup=args.n_startup, seed=args.seed, storage=args.storage,
             resume=args.resume, n_workers=args.n_workers, warm_start=warm_start, work_dir=out,
-            batch_size=args.batch_size, images=args.images, progress=bar.update,
+            batch_size=args.batch_size, images=args.images, progress=bar.update, time_budget=args.time_budget,
         )
         outcome = search_recipes(loaded, calib, budgets, method=args.method, options=options, search_set=search_set,
                                  model_source=session.source, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
@@ -441,6 +455,17 @@ def _run_search(argv: Sequence[str]) -> int:
     for path in history_paths:
         print(f"optimisation history: {path}")
     return 0
+
+
+def _print_candidates(result: dict[str, Any]) -> None:
+    """The default search's winner and runners-up, as the recipe records them."""
+    rows = [result["winner"], *result["runners_up"]]
+    print(f"  winner of {result['candidates_scored']} candidates: {rows[0]['schedule']} with the {rows[0]['rule']} "
+          "rule (search = samples the schedules were scored on, validation = samples that only picked)")
+    print(f"    {'schedule':<28} {'rule':<14} {'FLOPs':>6} {'search agree':>12} {'valid. agree':>12} {'valid. metric':>13}")
+    for row in rows:
+        print(f"    {row['schedule']:<28} {row['rule']:<14} {row['flops_full']:>6.1%} {row['search_agreement']:>12.1%} "
+              f"{row.get('validation_agreement', float('nan')):>12.1%} {row.get('validation_value', float('nan')):>13.1%}")
 
 
 def _mb(value: int | None) -> str:

@@ -1,161 +1,286 @@
-"""Quality/cost table on the embedded demo model: every search method against baselines, one run.
+"""Quality at a budget on trained models, side by side: the default search against every method and rule.
 
-For each FLOPs budget (share of the LM's full-sequence prefill FLOPs, recipe_search/flops.py):
-  fitprune         FitPrune schedule (attention statistics), FitPrune score, same-layer attention
-  psigmoid         sigmoid schedule tuned by optuna TPE (8 random + 40 guided trials) on agreement
-                   with the unpruned model over the calibration samples; starts at layer 2, or 1 when
-                   layer 2 cannot meet the budget
-  fastv K=2        one drop at layer 2, last-prompt-token attention from layer 1, sized to the budget
-                   (K=1 when K=2 cannot meet the budget; the row says so)
-  uniform          the same count at every layer from layer 0, FitPrune score
-  random@fitprune  the FitPrune schedule with uniformly random selection (seeded)
-and once, without a budget:
-  gsearch          greedy least cost with no loss of agreement on the calibration samples
-then selection rules x budgets (recipe_search/compare.py): every rule (attention, fitprune,
-random, dart, ficoco-l in the LLM; ficoco-v, freepruner (freePruner-style) before the LLM) on the
-uniform-from-layer-0 schedule (the same counts for every rule) and on the FitPrune schedule
-(vision-side rules make its first cut before the LLM), with FLOPs under both LM formulas, the vision
-encoder's share and LM + vision, accuracy and prefill time, and a Pareto plot (--pareto).
-Accuracy is greedy first-token accuracy on the demo eval split; "agree" is the share of answers
-equal to the unpruned model's; prefill is the best of 5 wall-clock forwards of one batch of 16
-(vision tower + LM) with 1 torch thread; "search" is the method's own search time (calibration,
-shared by all, is printed once). Prints a Markdown table.
+For each model (`--models`: "demo", and a folder written by scripts/train_second_model.py, which
+holds a checkpoint plus calib.jsonl and eval.jsonl) and each FLOPs budget (share of the LM's
+full-sequence prefill FLOPs, recipe_search/flops.py):
+  default          `search-recipe --budget B` with no --method (methods/auto.py): every schedule x
+                   every rule, scored on half the calibration samples, picked on the other half
+  fitprune         FitPrune schedule and rule
+  psigmoid         sigmoid schedule, BO over (slope, midpoint, start layer, rule)
+  fastv K=2        one drop at layer 2 (K=1 when 2 cannot meet the budget), attention at layer K-1
+  uniform          the same count at every layer from layer 0, FitPrune rule
+  <schedule> x <rule>  every rule on the uniform and on the FitPrune schedule (recipe/rules.py;
+                   vision-side rules make the first cut in the tower); random is the baseline
+  ceiling          (demo only) the uniform schedule keeping the patches that hold objects first:
+                   the world knows them (scripts/ceiling.py), no method can
+and once, without a budget, G-Search (least cost without loss on the search samples).
+Every method sees the same calibration samples (`--calib-samples`, 128 by default; the default
+search splits them into 64 search + 64 validation). Accuracy: greedy first-token answers on the
+eval split (`--eval-samples`, 1000); "kept" = pruned / unpruned accuracy. The floors of issue 9
+are checked at the end: default >= 99 / 97 / 92 % kept at 50 / 25 / 12.5 %, within 0.5 points of
+the best single (method, rule) pair, ahead of random and FastV.
 
-    python scripts/bench_quality.py [--eval-samples 1000] [--budgets 50%,25%,12.5%] [--trials 48]
-                                    [--rule-methods uniform,fitprune] [--pareto bench-pareto.png]
-                                    [--rules-only]
+    python scripts/bench_quality.py --models demo,~/.cache/recipe-search/second-model \
+        --out docs/bench-quality-output.md
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+
+FLOORS = {"50%": 0.99, "25%": 0.97, "12.5%": 0.92}
+CLOSE = 0.005  # the default may trail the best single pair by at most half a point (of accuracy)
+
+
+@dataclass
+class Row:
+    budget: str
+    name: str
+    rule: str
+    counts: list[int] | None
+    full: float | None
+    accuracy: float | None
+    note: str = ""
+    search_seconds: float = 0.0
+    single_pair: bool = True  # a (method, rule) pair the default must keep up with
+
+
+@dataclass
+class ModelReport:
+    name: str
+    layers: int
+    visual_tokens: int
+    base_accuracy: float
+    per_type: dict[str, float]
+    eval_source: str
+    eval_total: int
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _data(spec: str, calib_n: int, eval_n: int) -> tuple[Any, Any]:
+    from recipe_search.calibration import load_samples
+
+    if spec == "demo":
+        return load_samples("demo", calib_n, split="calib"), load_samples("demo", eval_n, split="eval")
+    folder = Path(spec).expanduser()
+    return (load_samples(str(folder / "calib.jsonl"), calib_n, split="calib"),
+            load_samples(str(folder / "eval.jsonl"), eval_n, split="eval"))
+
+
+def bench_model(spec: str, args: argparse.Namespace, work: Path) -> ModelReport:
+    from recipe_search.budget import parse_budgets
+    from recipe_search.calibration import calibrate
+    from recipe_search.compare import DEFAULT_RULES, label
+    from recipe_search.demo import demo_checkpoint
+    from recipe_search.flops import CostModel
+    from recipe_search.measure import measure
+    from recipe_search.methods import InfeasibleBudgetError
+    from recipe_search.methods.objective import VARIANTS
+    from recipe_search.models.loading import load_model
+    from recipe_search.pipeline import LoadedModel, SearchOptions, search_recipes
+    from recipe_search.recipe.rules import with_rule
+
+    path = demo_checkpoint() if spec == "demo" else Path(spec).expanduser()
+    model, processor, adapter = load_model(path)
+    loaded = LoadedModel(model, processor, adapter, spec)
+    calib, held_out = _data(spec, args.calib_samples, args.eval_samples)
+    budgets = parse_budgets(args.budgets)
+    cache = work / "cache"
+    stats, _ = calibrate(model, processor, adapter, calib, cache_dir=cache, progress=False)
+    costs = CostModel(adapter.dims(), stats.visual_tokens, tuple(int(t) for t in stats.text_tokens))
+    base = measure(loaded, None, held_out)
+    assert base.accuracy is not None, f"{spec}: the eval data needs answers"
+    report = ModelReport(Path(spec).name if spec != "demo" else "demo", adapter.dims().num_layers, stats.visual_tokens,
+                         base.accuracy.overall, dict(base.accuracy.per_type), held_out.source, base.accuracy.total)
+
+    def accuracy_of(recipe: Any) -> float:
+        got = measure(loaded, recipe, held_out, reference=base)
+        assert got.accuracy is not None
+        return got.accuracy.overall
+
+    def add(budget: str, name: str, recipe: Any, seconds: float = 0.0, single_pair: bool = True) -> None:
+        rule = recipe.vision.rule if recipe.vision is not None else recipe.selection.rule
+        if rule == "attention" and recipe.selection.params.get("query") == "text":
+            rule = "attention-text"
+        report.rows.append(Row(budget, name, label(rule), list(recipe.schedule.counts), recipe.budget.achieved["full"],
+                               accuracy_of(recipe), search_seconds=seconds, single_pair=single_pair))
+        print(f"  {spec} {budget} {name} [{rule}]: {report.rows[-1].accuracy:.1%}", file=sys.stderr, flush=True)
+
+    def search(method: str, budget_list: list, **options: Any) -> list:
+        opts = SearchOptions(n_trials=args.trials, work_dir=work / f"{method}-{len(report.rows)}",
+                             time_budget=args.time_budget, **options)
+        started = time.perf_counter()
+        out = search_recipes(loaded, calib, budget_list, method=method, options=opts, cache_dir=cache,
+                             progress=False)
+        return [(r, time.perf_counter() - started) for r in out.recipes]
+
+    def attempt(budget: Any, name: str, tries: list[tuple[str, Callable[[], list]]]) -> None:
+        for label_, run in tries:
+            try:
+                ((recipe, seconds),) = run()
+            except (InfeasibleBudgetError, ValueError) as exc:
+                last = str(exc)
+                continue
+            add(budget.text, label_, recipe, seconds)
+            return
+        report.rows.append(Row(budget.text, name, "-", None, None, None, note=f"no recipe: {last}"))
+
+    for budget in budgets:
+        ((recipe, seconds),) = search("auto", [budget])
+        add(budget.text, "default (auto)", recipe, seconds, single_pair=False)
+        report.notes.append(f"default {budget.text}: {recipe.method.result['winner']['schedule']} x "
+                            f"{recipe.method.result['winner']['rule']}, {recipe.method.result['candidates_scored']} "
+                            f"candidates, {seconds:.0f} s; search/validation agreement "
+                            f"{recipe.method.result['agreement']:.1%} / {recipe.method.result['validation_agreement']:.1%}")
+        attempt(budget, "fitprune", [("fitprune", lambda b=budget: search("fitprune", [b]))])
+        attempt(budget, "psigmoid", [("psigmoid (BO: rule, start)", lambda b=budget: search("psigmoid", [b]))])
+        attempt(budget, "fastv", [(f"fastv K={k}", lambda b=budget, k=k: search("fastv", [b], start_layer=k))
+                                  for k in (2, 1)])
+        for schedule in ("uniform", "fitprune"):
+            ((recipe, _),) = search(schedule, [budget])
+            for rule in [*DEFAULT_RULES, *VARIANTS]:
+                base_rule, params = VARIANTS.get(rule, (rule, None))
+                try:
+                    chosen = with_rule(recipe, adapter, costs, base_rule, params)
+                except ValueError as exc:  # e.g. no vision-side rules for this family
+                    if budget is budgets[0] and schedule == "uniform":
+                        report.notes.append(f"{rule}: {exc}")
+                    continue
+                add(budget.text, f"{schedule} schedule", chosen, single_pair=rule != "random")
+    if spec == "demo":
+        from ceiling import ceiling_rows  # scripts/ceiling.py: the world knows which patches hold objects
+
+        for text, acc, _ in ceiling_rows(budgets, eval_samples=args.eval_samples, threads=None, loaded=loaded):
+            report.rows.append(Row(text, "ceiling: object patches first (uniform schedule)", "oracle", None, None,
+                                   acc, single_pair=False))
+    ((gs, seconds),) = search("gsearch", [])
+    add("none", "gsearch (least cost)", gs, seconds, single_pair=False)
+    return report
+
+
+def _load(path: Path) -> ModelReport:
+    """One model's report from a --save file (a run of its own, e.g. in parallel with another)."""
+    (data,) = json.loads(path.read_text())
+    rows = [Row(**r) for r in data.pop("rows")]
+    return ModelReport(**data, rows=rows)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def model_table(rep: ModelReport) -> str:
+    lines = [f"### {rep.name}: {rep.layers} layers, {rep.visual_tokens} visual tokens; {rep.eval_source}, "
+             f"{rep.eval_total} questions; unpruned accuracy {rep.base_accuracy:.1%} "
+             f"({', '.join(f'{k} {v:.1%}' for k, v in rep.per_type.items())})", "",
+             "| budget | method / schedule | rule | full FLOPs | accuracy | kept | visual tokens entering each layer |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for r in rep.rows:
+        if r.accuracy is None:
+            lines.append(f"| {r.budget} | {r.name} | - | - | - | - | {r.note} |")
+            continue
+        lines.append(f"| {r.budget} | {r.name} | {r.rule} | {_pct(r.full)} | {r.accuracy:.1%} "
+                     f"| {r.accuracy / rep.base_accuracy:.1%} | {r.counts} |")
+    lines += ["", *[f"- {n}" for n in rep.notes]]
+    return "\n".join(lines)
+
+
+def verdicts(rep: ModelReport, budget: str) -> dict[str, Any]:
+    rows = [r for r in rep.rows if r.budget == budget and r.accuracy is not None]
+    default = next(r for r in rows if r.name == "default (auto)")
+    pairs = [r for r in rows if r.single_pair]
+    best = max(pairs, key=lambda r: r.accuracy or 0.0)
+    random = [r.accuracy for r in rows if r.rule == "random"]
+    fastv = [r.accuracy for r in rows if r.name.startswith("fastv")]
+    ceiling = next((r.accuracy for r in rows if r.name.startswith("ceiling")), None)
+    return {"default": default, "best": best, "random": max(random) if random else None,
+            "fastv": max(fastv) if fastv else None, "ceiling": ceiling,
+            "kept": (default.accuracy or 0.0) / rep.base_accuracy,
+            "failed": [r.name for r in rep.rows if r.budget == budget and "no trial met" in r.note]}
+
+
+def summary(reports: list[ModelReport], budgets: list[str]) -> str:
+    head = "| budget | " + " | ".join(f"{r.name}: default (kept) | {r.name}: best single pair | {r.name}: random "
+                                       f"| {r.name}: FastV" + (f" | {r.name}: ceiling" if r.name == "demo" else "")
+                                       for r in reports) + " |"
+    lines = [head, "|---|" + "---|" * (head.count("|") - 2)]
+    floor_lines = ["| model | budget | default kept | floor | within 0.5 pt of best pair | ahead of random and FastV "
+                   "| no 'no trial met the budget' (a budget no schedule of a method can meet is refused in "
+                   "one line, before any trial) |", "|---|---|---:|---:|---|---|---|"]
+    for b in budgets:
+        cells = []
+        for rep in reports:
+            v = verdicts(rep, b)
+            d, best = v["default"], v["best"]
+            cells += [f"{d.accuracy:.1%} ({v['kept']:.1%}) {d.rule}", f"{best.accuracy:.1%} {best.name} x {best.rule}",
+                      _pct(v["random"]), _pct(v["fastv"])]
+            if rep.name == "demo":
+                cells.append(_pct(v["ceiling"]))
+            close = (d.accuracy or 0) >= (best.accuracy or 0) - CLOSE
+            ahead = all((d.accuracy or 0) > (x or 0) for x in (v["random"], v["fastv"]) if x is not None)
+            floor = FLOORS.get(b)
+            floor_lines.append(
+                f"| {rep.name} | {b} | {v['kept']:.1%} | {'-' if floor is None else f'{floor:.0%}'} "
+                f"{'' if floor is None else ('met' if v['kept'] >= floor else '**not met**')} "
+                f"| {'yes' if close else '**no**'} ({(d.accuracy or 0) - (best.accuracy or 0):+.1%}) "
+                f"| {'yes' if ahead else '**no**'} | {'yes' if not v['failed'] else 'failed: ' + ', '.join(v['failed'])} |")
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nFloors (issue 9):\n\n" + "\n".join(floor_lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="demo", help="comma-separated: 'demo' and/or second-model folders")
     parser.add_argument("--budgets", default="50%,25%,12.5%")
     parser.add_argument("--eval-samples", type=int, default=1000)
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--trials", type=int, default=48, help="P-Sigmoid trials per budget")
-    parser.add_argument("--model", default="demo", help="'demo' or a local checkpoint of the demo architecture")
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--trials", type=int, default=48, help="P-Sigmoid trials per budget (default and psigmoid)")
+    parser.add_argument("--time-budget", type=float, default=600.0, help="the default search's time budget")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("RECIPE_SEARCH_THREADS", "1")))
-    parser.add_argument("--rule-methods", default="uniform,fitprune",
-                        help="schedules the rule x budget section runs on")
-    parser.add_argument("--pareto", default="bench-pareto.png", help="PNG of the rule section's Pareto plot")
-    parser.add_argument("--rules-only", action="store_true", help="only the rule x budget section")
+    parser.add_argument("--out", default=None, help="also write the Markdown report here")
+    parser.add_argument("--save", default=None, help="write the measured rows as JSON (to combine runs)")
+    parser.add_argument("--combine", default=None,
+                        help="comma-separated JSON files of earlier --save runs: report them side by side, measure nothing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from transformers.utils import logging as hf_logging
 
-    from recipe_search.budget import Budget, parse_budgets
-    from recipe_search.calibration import calibrate, demo_samples
-    from recipe_search.demo import demo_checkpoint
-    from recipe_search.measure import measure
-    from recipe_search.flops import CostModel
-    from recipe_search.models.loading import load_model
-    from recipe_search.pipeline import LoadedModel, SearchOptions, search_recipes
-    from recipe_search.runtime import PruningPlan, make_rule
-    from recipe_search.methods import InfeasibleBudgetError, SearchResult, search_fastv, search_fitprune, search_uniform
-
     hf_logging.set_verbosity_error()
-    model, processor, adapter = load_model(demo_checkpoint() if args.model == "demo" else args.model)
-    loaded = LoadedModel(model, processor, adapter, "demo")
-    budgets = parse_budgets(args.budgets)
-    calib = demo_samples("calib", args.calib_samples)
-    held_out = demo_samples("eval", args.eval_samples)
-    timing = demo_samples("eval", 16, seed=1)
-    work = Path(tempfile.mkdtemp(prefix="bench-"))
-
     started = time.perf_counter()
-    stats, _ = calibrate(model, processor, adapter, calib, cache_dir=work / "cache", progress=False)
-    calib_seconds = time.perf_counter() - started
-    costs = CostModel(adapter.dims(), stats.visual_tokens, tuple(int(t) for t in stats.text_tokens))
-    base_run = measure(loaded, None, held_out, timing=timing)
-    base, base_ms = base_run.accuracy, base_run.prefill_seconds * 1000
-    n = stats.visual_tokens
+    work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    if args.combine:
+        reports = [_load(Path(f)) for f in args.combine.split(",")]
+    else:
+        reports = [bench_model(spec.strip(), args, work / str(i)) for i, spec in enumerate(args.models.split(","))]
+    if args.save:
+        from recipe_search.recipe import write_atomic
 
-    def output_search(method: str, budget: Budget | None, start: int) -> SearchResult:
-        options = SearchOptions(start_layer=start, n_trials=args.trials, work_dir=work / f"{method}-{start}")
-        budgets_ = [budget] if budget is not None else []
-        return search_recipes(loaded, calib, budgets_, method=method, options=options, cache_dir=work / "cache",
-                              progress=False).results[0]
+        write_atomic(Path(args.save), json.dumps([asdict(r) for r in reports], indent=1).encode())
+    budgets = [b.strip() for b in args.budgets.split(",")]
+    how = (f"one run per model, combined with `--combine {args.combine}`" if args.combine else
+           f"{torch.get_num_threads()} torch thread(s), {time.perf_counter() - started:.0f} s in all")
+    text = "\n\n".join([
+        f"# bench_quality: the default search against every method and rule\n\n"
+        f"`python scripts/bench_quality.py --models {args.models} --budgets {args.budgets} --eval-samples "
+        f"{args.eval_samples} --calib-samples {args.calib_samples} --trials {args.trials}` ({how})",
+        "## Side by side\n\n" + summary(reports, budgets),
+        *(model_table(r) for r in reports)]) + "\n"
+    print(text)
+    if args.out:
+        from recipe_search.recipe import write_atomic
 
-    def first_feasible(label: str, tries: list[tuple[str, Callable[[], SearchResult]]]) -> tuple[str, SearchResult | str]:
-        for name, attempt in tries:
-            try:
-                return name, attempt()
-            except InfeasibleBudgetError:
-                continue
-        return label, "infeasible: the layers kept whole already exceed the budget"
-
-    header = ("| budget | method | selection | kept/layer | full FLOPs | visual FLOPs | accuracy | of unpruned "
-              "| agree | prefill ms | speed-up | search s |")
-    print(f"Demo model: {adapter.dims().num_layers} layers, {n} visual tokens; {held_out.source}, {base.total} questions; "
-          f"unpruned accuracy {base.overall:.1%} ({', '.join(f'{k} {v:.1%}' for k, v in base.per_type.items())}); "
-          f"unpruned prefill {base_ms:.1f} ms; calibration ({len(calib)} samples) {calib_seconds:.1f} s; "
-          f"torch threads {torch.get_num_threads()}\n")
-    if not args.rules_only:
-        print(header)
-        print("|" + "---|" * (header.count("|") - 1))
-
-    def row(budget_text: str, name: str, result: SearchResult | str) -> None:
-        if isinstance(result, str):
-            print(f"| {budget_text} | {name} | - | - | - | - | {result} | | | | | |", flush=True)
-            return
-        plan = PruningPlan(result.counts, n, make_rule(result.rule, result.rule_params), result.score_layer)
-        got = measure(loaded, plan, held_out, timing=timing, reference=base_run)
-        acc, ms = got.accuracy, got.prefill_seconds * 1000
-        print(f"| {budget_text} | {name} | {result.rule} ({result.score_layer}) | {costs.mean_tokens(result.counts):.1f} "
-              f"| {costs.fraction(result.counts, 'full'):.1%} | {costs.fraction(result.counts, 'visual'):.1%} "
-              f"| {acc.overall:.1%} | {acc.overall / base.overall:.1%} | {got.agreement:.1%} "
-              f"| {ms:.1f} | {base_ms / ms:.2f}x | {result.seconds:.2f} |", flush=True)
-
-    schedules: dict[str, list[int]] = {}
-    for budget in ([] if args.rules_only else budgets):
-        fit = search_fitprune(stats, budget, costs)
-        schedules[f"fitprune {budget.text}"] = list(fit.counts)
-        row(budget.text, "fitprune", fit)
-        name, ps = first_feasible("psigmoid", [(f"psigmoid (start {s})", lambda s=s: output_search("psigmoid", budget, s))
-                                              for s in (2, 1)])
-        if not isinstance(ps, str):
-            schedules[f"psigmoid {budget.text}"] = list(ps.counts)
-        row(budget.text, name, ps)
-        row(budget.text, *first_feasible("fastv", [(f"fastv K={k}", lambda k=k: search_fastv(stats, budget, costs,
-                                                                                              start_layer=k))
-                                                   for k in (2, 1)]))
-        row(budget.text, "uniform", search_uniform(stats, budget, costs))
-        row(budget.text, "random@fitprune", replace(fit, rule="random", rule_params={"seed": 0}, seconds=0.0))
-    if not args.rules_only:
-        gs = output_search("gsearch", None, 2)
-        schedules["gsearch"] = list(gs.counts)
-        row("none", "gsearch (least cost)", gs)
-        print("\nSchedules (visual tokens entering each layer): "
-              + "; ".join(f"{k}: {v}" for k, v in schedules.items()))
-        print(f"G-Search: {gs.result['evaluations']} schedule evaluations, {gs.result['layers_run']} decoder-layer "
-              f"batch runs thanks to prefix reuse (no reuse: {gs.result['evaluations'] * adapter.dims().num_layers * -(-len(calib) // 16)})")
-
-    from recipe_search.compare import DEFAULT_RULES, plot_pareto, rule_row, table
-
-    rows = []
-    for method in args.rule_methods.split(","):
-        recipes = search_recipes(loaded, calib, budgets, method=method, cache_dir=work / "cache", progress=False).recipes
-        rows += [rule_row(loaded, recipe, rule, costs, held_out, timing) for recipe in recipes
-                 for rule in DEFAULT_RULES]
-        print(f"\n{method} schedules: " + "; ".join(f"{r.budget.asked}: {r.schedule.counts}" for r in recipes),
-              flush=True)
-    print("\nSelection rules x budgets (LM full/visual: LM prefill FLOPs share; vision enc.: vision encoder + "
-          "projector share; LM+vision: both together; pre-LLM rules make the schedule's first cut in the tower):\n")
-    print(table(rows, base.overall, base_ms))
-    print(f"\nPareto plot: {plot_pareto(rows, base.overall, args.pareto, 'demo model: rules x budgets')}")
+        write_atomic(Path(args.out), text.encode())
     return 0
 
 

@@ -34,21 +34,24 @@ def _check(recipes, budgets):
 
 
 def test_search_from_paths_and_names(tmp_path):
-    recipes = recipe_search.search("demo", "demo", "50%,25%", num_samples=6, cache_dir=tmp_path, progress=False)
+    recipes = recipe_search.search("demo", "demo", "50%,25%", num_samples=6, cache_dir=tmp_path, progress=False,
+                                   n_trials=4, work_dir=tmp_path)
     _check(recipes, [0.5, 0.25])
 
 
 def test_search_takes_records_samplesets_datasets_and_a_loaded_model(tmp_path, demo_records, random_demo):
     model, processor, _ = random_demo
+    fast = {"method": "fitprune"}  # the inputs are the subject here, not the search
     from_records = recipe_search.search(model, demo_records, 0.5, processor=processor, cache_dir=tmp_path,
-                                        progress=False)
+                                        progress=False, **fast)
     from_set = recipe_search.search(model, demo_samples("calib", 6), ["50%"], processor=processor,
-                                    cache_dir=tmp_path, progress=False)
+                                    cache_dir=tmp_path, progress=False, **fast)
     _check(from_records, [0.5])
     assert from_set[0].schedule == from_records[0].schedule  # the same samples, however given
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list(demo_records)
-    from_dataset = recipe_search.search(model, ds, "50%", processor=processor, cache_dir=tmp_path, progress=False)
+    from_dataset = recipe_search.search(model, ds, "50%", processor=processor, cache_dir=tmp_path, progress=False,
+                                        **fast)
     assert from_dataset[0].schedule == from_records[0].schedule
 
 
@@ -102,7 +105,7 @@ def test_search_takes_an_optuna_sampler_instance(tmp_path, random_demo, demo_rec
     for trial in trials:
         if trial.user_attrs["feasible"]:
             assert {"counts", "flops_full", "agreement", "rule"} <= set(trial.user_attrs)
-            assert trial.user_attrs["rule"] == "attention"
+            assert trial.user_attrs["rule"] == trial.params["rule"]  # the rule is a BO parameter
     with pytest.raises(ValueError, match="optimizer must be a name"):
         recipe_search.search(model, demo_records, "80%", processor=processor, method="psigmoid", optimizer=42,
                              n_trials=2, work_dir=tmp_path / "b", cache_dir=tmp_path, progress=False)
@@ -119,5 +122,5 @@ def test_registries_refuse_duplicates_and_list_names():
         OPTIMIZERS.register("skopt", object())
     with pytest.raises(ValueError, match="selection rule 'dart' is already registered"):
         register(RULES["dart"])
-    with pytest.raises(ValueError, match="unknown search method .magic.; known: fastv, fitprune, gsearch"):
+    with pytest.raises(ValueError, match="unknown search method .magic.; known: auto, fastv, fitprune, gsearch"):
         METHODS.get("magic")

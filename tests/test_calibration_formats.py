@@ -270,7 +270,7 @@ def test_cli_llava_json_end_to_end(tmp_path, pictures, capsys):
     data = tmp_path / "data"
     data.mkdir()
     (data / "llava.json").write_text(json.dumps(_llava_entries(demo)))
-    argv = ["--calib", str(data / "llava.json"), "--image-folder", str(folder), "--budget", "50%",
+    argv = ["--calib", str(data / "llava.json"), "--image-folder", str(folder), "--budget", "50%", "--method", "fitprune",
             "--num-samples", "4", "--eval", "none", "--out", str(tmp_path / "out"),
             "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     assert main(argv) == 0

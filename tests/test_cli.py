@@ -41,17 +41,18 @@ def test_help_teaches():
 
 
 def test_search_end_to_end_and_cache(random_checkpoint, tmp_path, capsys):
-    argv = ["--model", str(random_checkpoint), "--budget", "50%,25%", "--num-samples", "8", "--eval", "demo",
+    argv = ["--model", str(random_checkpoint), "--budget", "50%,25%", "--num-samples", "8", "--n-trials", "6", "--eval", "demo",
             "--eval-samples", "16", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     recipes = sorted((tmp_path / "out").glob("*.json"))
-    assert [p.name for p in recipes] == ["ckpt0-fitprune-25pct.json", "ckpt0-fitprune-50pct.json"]
+    assert [p.name for p in recipes] == ["ckpt0-auto-25pct.json", "ckpt0-auto-50pct.json"]  # the default search
     for path, budget in zip(recipes, (0.25, 0.5)):
         recipe = load_recipe(path)
         assert recipe.budget.achieved["full"] <= budget
         assert "pruned" in out and f"{recipe.budget.achieved['full']:.1%}" in out
-    assert (tmp_path / "out" / "ckpt0-fitprune-retention.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "ckpt0-auto-retention.png").stat().st_size > 1000
+    assert "winner of" in out and "valid. agree" in out  # the runners-up table
     assert "held-out accuracy (demo:eval, 16 q)" in out and "prefill wall-clock" in out
     assert "statistics computed and cached" in out
     assert main(argv + ["--eval", "none"]) == 0
@@ -65,7 +66,7 @@ def test_search_end_to_end_and_cache(random_checkpoint, tmp_path, capsys):
 
 def test_eval_existing_recipe_checks_checkpoint(random_checkpoint, random_demo, tmp_path, capsys):
     common = ["--eval", "demo", "--eval-samples", "8", "--quiet"]
-    assert main(["--model", str(random_checkpoint), "--budget", "25%", "--num-samples", "4", "--out", str(tmp_path),
+    assert main(["--model", str(random_checkpoint), "--budget", "25%", "--method", "fitprune", "--num-samples", "4", "--out", str(tmp_path),
                  "--cache-dir", str(tmp_path / "cache"), *common]) == 0
     recipe = next(tmp_path.glob("*.json"))
     capsys.readouterr()

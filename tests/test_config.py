@@ -42,7 +42,7 @@ def test_print_config_shows_defaults_and_file_values(tmp_path, capsys):
     config.write_text("budget: 25%\nnum_samples: 8\n")
     assert main(["--print-config"]) == 0
     defaults = yaml.safe_load(capsys.readouterr().out)
-    assert defaults["budget"] is None and defaults["method"] == "fitprune" and defaults["num-samples"] == 64
+    assert defaults["budget"] is None and defaults["method"] == "auto" and defaults["num-samples"] is None
     assert main(["--config", str(config), "--num-samples", "16", "--print-config"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["budget"] == "25%" and resolved["num-samples"] == 16
@@ -51,7 +51,7 @@ def test_print_config_shows_defaults_and_file_values(tmp_path, capsys):
 @pytest.mark.parametrize("text,message", [
     ("budgett: 50%\n", "unknown key 'budgett'"),
     ("num-samples: many\n", "num-samples must be an integer, not 'many'"),
-    ("method: magic\n", "method must be one of fitprune"),
+    ("method: magic\n", "method must be one of auto, fitprune"),
     ("quiet: 3\n", "quiet must be true or false"),
     ("- budget\n", "expected a mapping"),
     ("budget: [50%\n", "not YAML"),

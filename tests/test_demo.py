@@ -56,11 +56,12 @@ def test_shipped_recipes_belong_to_the_shipped_model(demo):
 
 
 def test_default_command_runs_end_to_end(tmp_path, capsys):
-    argv = ["--budget", "50%", "--num-samples", "16", "--eval-samples", "40", "--out", str(tmp_path),
+    argv = ["--budget", "50%", "--num-samples", "16", "--n-trials", "8", "--eval-samples", "40", "--out", str(tmp_path),
             "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     assert main(argv) == 0
-    recipe = load_recipe(tmp_path / "demo-fitprune-50pct.json")
+    recipe = load_recipe(tmp_path / "demo-auto-50pct.json")
     assert recipe.budget.achieved["full"] <= 0.5 and recipe.model.name_or_path == "demo"
+    assert recipe.method.name == "auto" and recipe.method.result["candidates_scored"] > 1
     out = capsys.readouterr().out
     assert "held-out accuracy (demo:eval, 40 q)" in out and "prefill wall-clock" in out
 

@@ -50,7 +50,7 @@ def test_bfloat16_calibration_and_cli(random_checkpoint, tmp_path, capsys):
     full = collect_stats(full_model, processor, full_adapter, data, progress=False)
     for name in ("cross", "selfv", "last"):  # same statistics, to bf16's precision (8 bits of mantissa)
         np.testing.assert_allclose(getattr(low, name), getattr(full, name), atol=2e-2)
-    assert main(["--model", str(random_checkpoint), "--dtype", "bf16", "--num-samples", "4", "--eval", "none",
+    assert main(["--model", str(random_checkpoint), "--dtype", "bf16", "--num-samples", "4", "--n-trials", "4", "--eval", "none",
                  "--quiet", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]) == 0
     (recipe,) = (tmp_path / "o").glob("*.json")
     assert json.loads(recipe.read_text())["budget"]["achieved"]["full"] <= 0.5

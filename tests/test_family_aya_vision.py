@@ -254,7 +254,7 @@ def test_search_recipe_end_to_end(checkpoint, tmp_path):
     lines.append({"image": ["x0.png", "x2.png"], "prompt": "left and right"})
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     out = tmp_path / "out"
-    code = main(["--model", str(checkpoint), "--calib", str(tmp_path / "data.jsonl"), "--budget", "50%",
+    code = main(["--model", str(checkpoint), "--calib", str(tmp_path / "data.jsonl"), "--budget", "50%", "--n-trials", "4",
                  "--eval", "none", "--out", str(out), "--quiet", "--threads", "1",
                  "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4"])
     assert code == 0

@@ -146,7 +146,7 @@ def test_processor_rebuilt_without_torchvision(family, checkpoint, processor, mo
 def test_search_recipe_cli(family, checkpoint, tmp_path, capsys):
     calib = write_calibration(tmp_path / "calib", [[WIDE], [SQUARE, TALL], [TALL], [WIDE], [SQUARE], [WIDE, WIDE]])
     out = tmp_path / "out"
-    code = main(["--model", str(checkpoint), "--calib", str(calib), "--budget", "50%", "--eval", "none",
+    code = main(["--model", str(checkpoint), "--calib", str(calib), "--budget", "50%", "--n-trials", "4", "--eval", "none",
                  "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
     assert code == 0, capsys.readouterr().err
     recipes = sorted(out.glob("*.json"))

@@ -135,7 +135,7 @@ def test_schedule_scorer_replays_deepstack(models, tmp_path):
     for counts in ((16, 16, 8, 8), (16, 16, 8, 3), (16, 5, 5, 5)):  # the second reuses the first's prefix
         n = scorer.visual_tokens
         plan = PruningPlan(tuple(round(c * n / 16) for c in counts), n, rule, "previous")
-        got = scorer._logits(0, scorer.batches[0], plan.counts)
+        got = scorer._logits(0, scorer.batches[0], plan)
         with PruningHandle(model, plan), torch.no_grad():
             want = model(**inputs).logits[:, -1]
         assert (got - want).abs().max().item() <= 1e-5, counts

@@ -18,7 +18,7 @@ def _one_line_error(capsys, code, message):
 
 
 def _quick(checkpoint, tmp_path, *extra):
-    return ["--model", str(checkpoint), "--num-samples", "4", "--eval", "none", "--quiet",
+    return ["--model", str(checkpoint), "--method", "fitprune", "--num-samples", "4", "--eval", "none", "--quiet",
             "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *extra]
 
 

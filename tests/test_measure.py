@@ -13,7 +13,7 @@ def recipe(random_demo, tmp_path_factory):
     import recipe_search
 
     model, processor, _ = random_demo
-    (found,) = recipe_search.search(model, demo_samples("calib", 6), "25%", processor=processor,
+    (found,) = recipe_search.search(model, demo_samples("calib", 6), "25%", processor=processor, method="fitprune",
                                     cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
     return found
 
@@ -41,7 +41,7 @@ def test_measure_times_prefill_only_when_asked(random_demo, recipe):
 def test_timing_can_be_turned_off(random_checkpoint, tmp_path, capsys):
     from recipe_search.cli import main
 
-    argv = ["--model", str(random_checkpoint), "--num-samples", "4", "--eval", "demo", "--eval-samples", "8",
+    argv = ["--model", str(random_checkpoint), "--method", "fitprune", "--num-samples", "4", "--eval", "demo", "--eval-samples", "8",
             "--quiet", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
     assert main(argv + ["--no-timing"]) == 0
     out = capsys.readouterr().out

@@ -58,13 +58,29 @@ def test_prefix_cached_scores_equal_a_direct_pruned_run(loaded, search_set, scor
     counts = (144, 144, 90, 40, 40, 20, 20, 8)
     scorer.evaluate((144, 144, 90, 90, 90, 90, 90, 90))  # leaves a cached prefix (144, 144, 90)
     before = scorer.layers_run
-    cached = scorer._logits(0, scorer.batches[0], counts)
+    cached = scorer._logits(0, scorer.batches[0], scorer.plan(counts))
     assert scorer.layers_run - before < 8  # resumed after the shared prefix
     chunk = search_set.samples[:6]
     inputs = loaded.adapter.build_inputs(loaded.processor, [s.image for s in chunk], [s.prompt for s in chunk])
     with torch.no_grad(), PruningHandle(loaded.model, PruningPlan(counts, 144, make_rule("attention"), "previous")):
         direct = loaded.model(**inputs, use_cache=False).logits[:, -1]
     assert (cached - direct).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("rule, vision", [("dart", None), (None, "freepruner")])
+def test_other_rules_score_like_a_direct_pruned_run(loaded, search_set, scorer, rule, vision):
+    """Another rule never resumes from the scorer's own rule's cached prefix; a pre-LLM stage runs the model."""
+    counts = (144, 144, 90, 90, 90, 90, 90, 90) if vision is None else (90,) * 8
+    scorer.evaluate((144, 144, 90, 90, 90, 90, 90, 90))  # the scorer's own rule leaves a prefix (144, 144, 90)
+    plan = scorer.plan(counts, make_rule(rule) if rule else None, vision=make_rule(vision) if vision else None)
+    got = scorer._logits(0, scorer.batches[0], plan)
+    chunk = search_set.samples[:6]
+    inputs = loaded.adapter.build_inputs(loaded.processor, [s.image for s in chunk], [s.prompt for s in chunk])
+    with torch.no_grad(), PruningHandle(loaded.model, plan):
+        direct = loaded.model(**inputs, use_cache=False).logits[:, -1]
+    assert (got - direct).abs().max().item() <= 1e-5
+    other = scorer.plan(counts) if vision is None else scorer.plan(counts, make_rule("fitprune"))
+    assert (scorer._logits(0, scorer.batches[0], other) - got).abs().max().item() > 1e-3  # the rules differ here
 
 
 def test_gsearch_keeps_its_tolerance(scorer, costs):
@@ -108,7 +124,9 @@ def test_backends_write_valid_recipes_within_budget(loaded, search_set, tmp_path
     for recipe, limit in zip(outcome.recipes, (0.5, 0.6)):
         assert recipe.budget.achieved["full"] <= limit
         assert recipe.method.result["trials"] == 6 and len(recipe.method.result["history"]) == 6
-        assert recipe.selection.rule == "attention" and recipe.selection.score_layer == "previous"
+        chosen = recipe.vision.rule if recipe.vision is not None else recipe.selection.rule
+        assert chosen == recipe.method.result["rule"] in recipe.method.params["rules"]  # the best trial's rule
+        assert len(recipe.method.params["rules"]) > 1
         assert len(recipe.method.result["kendall_tau"]) == 8
 
 
@@ -122,15 +140,15 @@ def _run(loaded, search_set, costs, tmp_path, n_trials, resume):
 def test_interrupted_run_resumes_with_every_finished_trial(loaded, search_set, costs, tmp_path):
     run = _run(loaded, search_set, costs, tmp_path, 6, resume=False)
     calls = {"n": 0}
-    real = run.scorer.evaluate
+    real = run.scorer.evaluate_plan
 
-    def flaky(counts):
+    def flaky(plan):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(counts)
+        return real(plan)
 
-    run.scorer.evaluate = flaky
+    run.scorer.evaluate_plan = flaky
     with pytest.raises(KeyboardInterrupt):
         run.run()
     done = run.backend.finished()
@@ -148,7 +166,7 @@ def test_two_workers_share_one_study(loaded, search_set, costs, tmp_path):
 
     options = SearchOptions(n_trials=6, n_startup=2, work_dir=tmp_path, batch_size=6, n_workers=2)
     budget = parse_budget("50%")
-    name = study_name(loaded, search_set, budget, options, 2)
+    name = study_name(loaded, search_set, budget, options, 2, costs)
     storage = default_storage(tmp_path, "psigmoid-trials")
     OptunaBackend(psigmoid.search_space(8, 2), storage, name)  # the study the workers join
     run_workers(str(demo_checkpoint()), loaded, search_set, budget, costs, options, 2)
@@ -164,8 +182,9 @@ def test_psigmoid_starts_earlier_only_when_the_budget_needs_it(loaded, search_se
     options = SearchOptions(n_trials=3, n_startup=2, work_dir=tmp_path, batch_size=6)
     outcome = search_recipes(loaded, search_set, [parse_budget("50%"), parse_budget("25%")], method="psigmoid",
                              options=options, cache_dir=tmp_path / "cache", progress=False)
-    starts = [r.method.params["start_layer"] for r in outcome.recipes]
-    assert starts[0] == 2 and starts[1] < 2
+    allowed = [r.method.params["start_layers"] for r in outcome.recipes]
+    assert allowed[0] == [0, 1, 2] and 2 not in allowed[1] and allowed[1]  # start 2 cannot meet 25 %
+    assert all(r.method.params["start_layer"] in a for r, a in zip(outcome.recipes, allowed))
     assert outcome.recipes[1].budget.achieved["full"] <= 0.25
     with pytest.raises(InfeasibleBudgetError, match="cannot be met by a P-Sigmoid from layer 2"):
         search_recipes(loaded, search_set, [parse_budget("25%")], method="psigmoid",

@@ -85,7 +85,7 @@ def write_calibration(folder: Path, sizes: list[tuple[int, int]], seed: int = 0)
 def run_search(checkpoint: Path, calib: Path, out: Path, num_samples: int, family: str) -> object:
     """`search-recipe --model DIR --calib data.jsonl --budget 50% --eval none --quiet`: exit 0, one
     recipe written for `family`, its achieved FLOPs within the budget."""
-    argv = ["--model", str(checkpoint), "--calib", str(calib), "--budget", "50%", "--eval", "none",
+    argv = ["--model", str(checkpoint), "--calib", str(calib), "--budget", "50%", "--n-trials", "4", "--eval", "none",
             "--num-samples", str(num_samples), "--out", str(out), "--cache-dir", str(out / "cache"), "--quiet"]
     assert main(argv) == 0
     recipes = sorted(out.glob("*.json"))

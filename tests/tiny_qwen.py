@@ -259,11 +259,11 @@ def check_cli(family: str, tmp_path: Path, capsys: Any) -> None:
     folder = save_checkpoint(family, tmp_path / f"tiny-{family}")
     calib = calibration_file(tmp_path / "calib")
     out = tmp_path / "out"
-    argv = ["--model", str(folder), "--calib", str(calib), "--budget", "50%", "--eval", "none", "--out", str(out),
+    argv = ["--model", str(folder), "--calib", str(calib), "--budget", "50%", "--n-trials", "4", "--eval", "none", "--out", str(out),
             "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     assert main(argv) == 0, capsys.readouterr().err
     recipes = sorted(out.glob("*.json"))
-    assert [p.name for p in recipes] == [f"tiny-{family}-fitprune-50pct.json"]
+    assert [p.name for p in recipes] == [f"tiny-{family}-auto-50pct.json"]  # the default search
     recipe = load_recipe(recipes[0])
     assert (recipe.model.family, recipe.model.model_type, len(recipe.schedule.counts)) == (family, family, LAYERS)
     assert recipe.schedule.visual_tokens == 16  # the most common count of the calibration images

@@ -61,6 +61,17 @@ class SampleSet:
             digest.update(json.dumps([s.prompt, s.answer]).encode())
         return digest.hexdigest()[:16]
 
+    def split(self, share: float) -> tuple["SampleSet", "SampleSet"]:
+        """(search part, validation part): every k-th sample goes to validation so both keep the
+        data's mix (a stratified draw stays stratified); each part gets at least one sample."""
+        if len(self) < 2:
+            raise DataError(f"{self.source}: a validation part needs at least 2 samples, got {len(self)}")
+        every = max(2, round(1 / share))
+        val = self.samples[every - 1::every]
+        rest = tuple(s for i, s in enumerate(self.samples) if i % every != every - 1)
+        return (SampleSet(rest, f"{self.source} (search part)", self.notes),
+                SampleSet(val, f"{self.source} (validation part)", self.notes))
+
 
 def demo_samples(split: str, n: int, seed: int = 0) -> SampleSet:
     from ..demo.world import make_split

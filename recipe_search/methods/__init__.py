@@ -35,7 +35,9 @@ def register_method(method: Method) -> Method:
     return METHODS.register(method.name, method)
 
 
-register_method(Method("fitprune", "FitPrune (default; attention statistics, bisection to the budget)", 0,
+register_method(Method("auto", "default: every schedule and rule below scored on the model's answers, "
+                       "picked on held-out samples (--time-budget)", 0, on_outputs=True))
+register_method(Method("fitprune", "FitPrune (attention statistics, bisection to the budget)", 0,
                        run=search_fitprune))
 register_method(Method("gsearch", "G-Search (greedy, least cost without loss on model outputs; no budget)", 2,
                        on_outputs=True, budgetless=True))

@@ -41,6 +41,7 @@ class SearchResult:
     score_layer: str
     result: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    vision_rule: str | None = None  # a pre-LLM stage keeps counts[0] in the vision tower (recipe/rules.py)
 
 
 def _layer_costs(budget: Budget, costs: CostModel) -> np.ndarray:

@@ -6,7 +6,9 @@ unpruned model's, with the KL divergence of their next-token distributions repor
 distribution at the end of the prompt, so two schedules that agree on layers 0..l-1 share the
 hidden states entering layer l: the scorer keeps those states (and the runtime's state) in an
 LRU cache and reruns only the layers after the shared prefix. The vision tower and embeddings
-run once per batch, in the unpruned reference pass.
+run once per batch, in the unpruned reference pass. Any registered rule can be scored: LLM-side
+rules through the layer-by-layer path above; a vision-side rule changes what enters layer 0, so
+its plans run the whole model on the batch's stored inputs instead (no prefix to share).
 """
 from __future__ import annotations
 
@@ -19,10 +21,20 @@ import torch
 from ..calibration.data import SampleSet, batches
 from ..hooks import CallHook, HookSet
 from ..runtime.applier import PrefillSnapshot, PruningHandle
-from ..runtime.plan import PruningPlan
-from ..runtime.selection import SelectionRule
+from ..runtime.plan import PruningPlan, pre_llm_counts
+from ..runtime.selection import RULES, SelectionRule, make_rule
 
 METRICS = ("agreement", "accuracy")
+
+#: Rules the searches also try under a name of their own: a registered rule with other parameters.
+#: The attention rule reading the question's tokens instead of the last prompt token (docs/rules.md).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"attention-text": ("attention", {"query": "text"})}
+
+
+def candidate_rule(name: str) -> SelectionRule:
+    """A registered rule, or a variant of one (`VARIANTS`)."""
+    base, params = VARIANTS.get(name, (name, {}))
+    return make_rule(base, params)
 KL_TIE_BREAK = 1e-3  # objective = metric - KL_TIE_BREAK * KL: KL only orders equal metrics
 
 
@@ -47,6 +59,7 @@ class _Batch:
     decoder_call: tuple[tuple, dict]       # the decoder's own call, for family hooks that act on it
     ref_logp: torch.Tensor           # (B, V) unpruned next-token log-probabilities
     answers: list[str | None]
+    inputs: dict[str, torch.Tensor]  # the processor's batch, for plans with a pre-LLM stage
 
 
 class ScheduleScorer:
@@ -60,6 +73,7 @@ class ScheduleScorer:
         if metric == "accuracy" and not data.has_answers:
             raise ValueError(f"--metric accuracy needs an answer for every sample of {data.source}")
         self.loaded, self.rule, self.score_layer, self.metric = loaded, rule, score_layer, metric
+        self.data = data
         self.images = images
         self.layers = list(loaded.adapter.decoder_layers())
         self.cache_bytes = int(cache_mb * 2**20)
@@ -85,7 +99,7 @@ class ScheduleScorer:
         # the reference forward ran with use_cache=False: no cache is kept alive in these calls
         hidden0 = lm.adapter.read_layer_call(*calls[0]).hidden
         return _Batch(inputs["input_ids"], inputs.get("attention_mask"), hidden0, calls, decoder_call[0],
-                      torch.log_softmax(logits.float(), -1), [s.answer for s in chunk])
+                      torch.log_softmax(logits.float(), -1), [s.answer for s in chunk], dict(inputs))
 
     def _store(self, key: tuple, value: tuple[torch.Tensor, PrefillSnapshot]) -> None:
         size = value[0].numel() * value[0].element_size()
@@ -97,19 +111,54 @@ class ScheduleScorer:
             _, (old, _) = self._cache.popitem(last=False)
             self._cached_bytes -= old.numel() * old.element_size()
 
+    def plan(self, counts: tuple[int, ...], rule: SelectionRule | None = None, score_layer: str | None = None,
+             vision: SelectionRule | None = None, vision_layer: int | None = None) -> PruningPlan:
+        """The runtime plan of `counts` under a rule (default: the scorer's own, at its score layer; another
+        rule scores at the same layer unless told) and an optional pre-LLM stage."""
+        llm_rule = rule or self.rule
+        if vision is not None and rule is None:
+            llm_rule = make_rule("fitprune")  # a pre-LLM stage needs a rule for later drops: the default one
+        own = rule is None and vision is None
+        return PruningPlan(counts, self.visual_tokens, llm_rule, score_layer or (self.score_layer if own else "same"),
+                           vision=vision, vision_layer=vision_layer, images=self.images)
+
+    def rule_plan(self, counts: tuple[int, ...] | list[int], name: str) -> PruningPlan:
+        """`counts` selected by the registered rule `name` where that rule reads: the attention rule the
+        layer before the cut (FastV) when layer 0 keeps everything, other LLM-side rules the layer that
+        cuts; a vision-side rule makes the first cut in the vision tower (`pre_llm_counts`)."""
+        counts = tuple(int(c) for c in counts)
+        rule = candidate_rule(name)
+        if rule.stage == "vision":
+            return self.plan(pre_llm_counts(counts, self.visual_tokens), vision=rule)
+        previous = rule.name == "attention" and bool(counts) and counts[0] == self.visual_tokens
+        return self.plan(counts, rule, "previous" if previous else "same")
+
+    def rule_names(self) -> tuple[str, ...]:
+        """Every registered rule this model can run (vision-side ones need a vision tower layout)."""
+        try:
+            self.loaded.adapter.vision_layout()
+            vision = True
+        except ValueError:
+            vision = False
+        names = [n for n in RULES.names() if vision or RULES[n].stage != "vision"]
+        return tuple(names + [v for v, (base, _) in VARIANTS.items() if base in names])
+
     @torch.no_grad()
-    def _logits(self, index: int, batch: _Batch, counts: tuple[int, ...]) -> torch.Tensor:
+    def _logits(self, index: int, batch: _Batch, plan: PruningPlan) -> torch.Tensor:
+        if plan.vision is not None:
+            return self._whole_model_logits(batch, plan)
         adapter = self.loaded.adapter
-        plan = PruningPlan(counts, self.visual_tokens, self.rule, self.score_layer, images=self.images)
+        counts = plan.counts
+        rule_key = (plan.rule.name, repr(sorted(plan.rule.params().items())), plan.score_layer)
         handle = PruningHandle(self.loaded.model, plan, adapter, score_ahead=True)
         try:
             handle.begin_prefill(batch.input_ids, batch.attn2d)
             handle.enter_decoder(*batch.decoder_call)
             start, hidden = 0, batch.hidden0
             for depth in range(len(counts) - 1, 0, -1):
-                hit = self._cache.get((index, counts[:depth]))
+                hit = self._cache.get((index, rule_key, counts[:depth]))
                 if hit is not None:
-                    self._cache.move_to_end((index, counts[:depth]))
+                    self._cache.move_to_end((index, rule_key, counts[:depth]))
                     hidden, snap = hit
                     handle.resume(snap)
                     start = depth
@@ -119,20 +168,35 @@ class ScheduleScorer:
                 hidden = self.layers[idx](*args, **kwargs)
                 self.layers_run += 1
                 if idx + 1 < len(self.layers):
-                    self._store((index, counts[: idx + 1]), (hidden, handle.snapshot()))
+                    self._store((index, rule_key, counts[: idx + 1]), (hidden, handle.snapshot()))
             return adapter.final_logits(hidden[:, -1:])[:, 0]
         finally:
             handle.exit_decoder()
             handle.remove()
 
-    def evaluate(self, counts: tuple[int, ...] | list[int]) -> Evaluation:
-        """Agreement, KL and (with answers) accuracy of the pruned model under `counts`."""
-        counts = tuple(int(c) for c in counts)
+    def _whole_model_logits(self, batch: _Batch, plan: PruningPlan) -> torch.Tensor:
+        """Next-token logits of the model with `plan` attached, run from the processor's inputs."""
+        handle = PruningHandle(self.loaded.model, plan, self.loaded.adapter)
+        try:
+            self.layers_run += len(self.layers)
+            return self.loaded.model(**batch.inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+        finally:
+            handle.remove()
+
+    def evaluate(self, counts: tuple[int, ...] | list[int], rule: SelectionRule | None = None,
+                 score_layer: str | None = None, vision: SelectionRule | None = None,
+                 vision_layer: int | None = None) -> Evaluation:
+        """Agreement, KL and (with answers) accuracy of the pruned model under `counts`, selected by
+        `rule` (default: the scorer's) after an optional pre-LLM stage `vision`."""
+        return self.evaluate_plan(self.plan(tuple(int(c) for c in counts), rule, score_layer, vision, vision_layer))
+
+    def evaluate_plan(self, plan: PruningPlan) -> Evaluation:
+        """`evaluate` for a ready plan."""
         self.evaluations += 1
         agree, kl, correct, total = 0, 0.0, 0, 0
         tokenizer = self.loaded.processor.tokenizer
         for index, batch in enumerate(self.batches):
-            logp = torch.log_softmax(self._logits(index, batch, counts).float(), -1)
+            logp = torch.log_softmax(self._logits(index, batch, plan).float(), -1)
             ref = batch.ref_logp
             agree += int((logp.argmax(-1) == ref.argmax(-1)).sum())
             kl += float((ref.exp() * (ref - logp)).sum(-1).sum())

@@ -68,22 +68,23 @@ def heartbeat_settings() -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Space:
-    """A box of named real parameters."""
+    """A box of named real parameters, and named categorical ones (e.g. the selection rule)."""
 
     bounds: dict[str, tuple[float, float]]
+    choices: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
 
 @dataclass
 class Trial:
     number: int
-    params: dict[str, float]
+    params: dict[str, Any]
     handle: Any = None
 
 
 @dataclass(frozen=True)
 class TrialRecord:
     number: int
-    params: dict[str, float]
+    params: dict[str, Any]
     value: float
     attrs: dict[str, Any] = field(default_factory=dict)
 
@@ -115,7 +116,7 @@ class Backend(ABC):
     def finished(self) -> list[TrialRecord]: ...
 
     @abstractmethod
-    def enqueue(self, params: dict[str, float]) -> None:
+    def enqueue(self, params: dict[str, Any]) -> None:
         """Make the next proposal exactly `params` (a warm start)."""
 
     def rank(self, trial: Trial) -> int:
@@ -217,7 +218,7 @@ class OptunaBackend(Backend):
         self.study = optuna.create_study(storage=storage_obj, study_name=study_name, sampler=chosen,
                                          direction="maximize", load_if_exists=True)
         self.storage = self.study._storage  # the (cached) storage the study writes through
-        self.distributions = {k: optuna.distributions.FloatDistribution(lo, hi) for k, (lo, hi) in space.bounds.items()}
+        self.space = space
         self.owner = f"{socket.gethostname()}:{os.getpid()}" + (f":{worker}" if worker else "")
         self.beats: dict[int, _Heartbeat] = {}
         self.watched: dict[int, tuple[Any, float]] = {}  # trial id -> (beat seen, monotonic time first seen)
@@ -234,7 +235,8 @@ class OptunaBackend(Backend):
             self.storage.set_trial_system_attr(trial_id, OWNER_KEY, self.owner)
             beat.beat()
             beat.start()
-            params = {k: float(handle.suggest_float(k, d.low, d.high)) for k, d in self.distributions.items()}
+            params: dict[str, Any] = {k: float(handle.suggest_float(k, lo, hi)) for k, (lo, hi) in self.space.bounds.items()}
+            params.update({k: handle.suggest_categorical(k, list(c)) for k, c in self.space.choices.items()})
         except BaseException:
             beat.stop()
             self._fail_quietly(trial_id)
@@ -426,13 +428,15 @@ class SkoptBackend(Backend):
                  resume: bool = False) -> None:
         try:
             from skopt import Optimizer
-            from skopt.space import Real
+            from skopt.space import Categorical, Real
         except ImportError:
             raise OptimizerError("--optimizer skopt needs `pip install scikit-optimize`") from None
-        self.names = list(space.bounds)
+        self.names = [*space.bounds, *space.choices]
         self.log_path = log_path
         self.lock = _lock_exclusively(log_path.with_name(log_path.name + ".lock"))
-        self.optimizer = Optimizer([Real(lo, hi, name=k) for k, (lo, hi) in space.bounds.items()],
+        dims = [Real(lo, hi, name=k) for k, (lo, hi) in space.bounds.items()]
+        dims += [Categorical(list(c), name=k) for k, c in space.choices.items()]
+        self.optimizer = Optimizer(dims,
                                    base_estimator="GP", acq_func="EI", n_initial_points=n_startup,
                                    random_state=seed)
         self.records: list[TrialRecord] = []
@@ -441,7 +445,7 @@ class SkoptBackend(Backend):
             if log_path.exists():
                 if not resume:
                     raise OptimizerError(f"{log_path} already holds trials: add --resume to continue, or remove it")
-                self.records = _read_log(log_path, self.names)
+                self.records = _read_log(log_path, space)
                 if self.records:
                     self.optimizer.tell([[r.params[k] for k in self.names] for r in self.records],
                                         [-r.value for r in self.records])
@@ -450,7 +454,7 @@ class SkoptBackend(Backend):
             raise
 
     def ask(self) -> Trial:
-        params = self.queued.pop(0) if self.queued else dict(zip(self.names, map(float, self.optimizer.ask())))
+        params = self.queued.pop(0) if self.queued else dict(zip(self.names, map(_plain, self.optimizer.ask())))
         return Trial(len(self.records), params)
 
     def tell(self, trial: Trial, value: float, attrs: dict[str, Any]) -> None:
@@ -467,7 +471,7 @@ class SkoptBackend(Backend):
     def finished(self) -> list[TrialRecord]:
         return list(self.records)
 
-    def enqueue(self, params: dict[str, float]) -> None:
+    def enqueue(self, params: dict[str, Any]) -> None:
         self.queued.append(dict(params))
 
     def close(self) -> None:
@@ -476,11 +480,25 @@ class SkoptBackend(Backend):
             self.lock = None
 
 
-def _read_log(path: Path, names: list[str]) -> list[TrialRecord]:
+def _plain(value: Any) -> Any:
+    """A parameter as JSON and optuna keep it: numpy scalars become Python numbers, reals floats."""
+    value = value.item() if hasattr(value, "item") else value
+    return float(value) if isinstance(value, float) else value
+
+
+def _read_log(path: Path, space: Space) -> list[TrialRecord]:
+    def param(row: dict, key: str) -> Any:
+        value = row["params"][key]
+        if key in space.choices:
+            if value not in space.choices[key]:
+                raise ValueError(f"{key} {value!r} is not one of {list(space.choices[key])}")
+            return value
+        return float(value)
+
     try:
         rows = json.loads(path.read_text())
-        records = [TrialRecord(int(r["number"]), {k: float(r["params"][k]) for k in names}, float(r["value"]),
-                               r.get("attrs", {})) for r in rows]
+        records = [TrialRecord(int(r["number"]), {k: param(r, k) for k in [*space.bounds, *space.choices]},
+                               float(r["value"]), r.get("attrs", {})) for r in rows]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise OptimizerError(f"{path}: not a trial log ({exc})") from None
     if [r.number for r in records] != list(range(len(records))):

@@ -6,8 +6,10 @@
 
 For every proposal (k, m) the floor r_min is bisected so the schedule meets the budget exactly
 (the largest floor that fits; if none fits, the midpoint is first moved earlier until one does),
-and the optimiser searches (k, m) to maximise the metric on the search set. Every trial is
-recorded; the best one becomes the recipe.
+and the optimiser searches (k, m) to maximise the metric on the search set. When there is a
+choice, the selection rule and the start layer s are categorical parameters of the same search
+(the rule is part of what makes a schedule good: the best one changes from model to model).
+Every trial is recorded; the best one becomes the recipe.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 from ..budget import Budget
 from ..flops import CostModel
 from .fitprune import InfeasibleBudgetError, SearchResult
-from .gsearch import RULE, RULE_PARAMS, SCORE_LAYER
+from .gsearch import RULE
 from .objective import ScheduleScorer
 from .optimizers import Backend, Space, TrialLost
 
@@ -127,8 +129,22 @@ def feasible_start(visual_tokens: int, layers: int, preferred: int, budget: Budg
         f"(from layer 0) is {smallest:.1%}" + (" of the FLOPs" if budget.kind == "flops" else ""))
 
 
-def search_space(layers: int, start: int) -> Space:
-    return Space({"slope": SLOPE_RANGE, "midpoint": (float(start), float(layers - 1))})
+def search_space(layers: int, start: int, rules: Sequence[str] = (), starts: Sequence[int] = ()) -> Space:
+    """(slope, midpoint), plus the rule and the start layer as categorical parameters when there is a
+    choice; the midpoint may then lie before a later start (the sigmoid is past its middle there)."""
+    low = min(starts) if starts else start
+    choices: dict[str, tuple[Any, ...]] = {}
+    if len(rules) > 1:
+        choices["rule"] = tuple(rules)
+    if len(starts) > 1:
+        choices["start"] = tuple(int(s) for s in starts)
+    return Space({"slope": SLOPE_RANGE, "midpoint": (float(low), float(layers - 1))}, choices)
+
+
+def feasible_starts(visual_tokens: int, layers: int, latest: int, budget: Budget, costs: CostModel) -> tuple[int, ...]:
+    """Start layers 0..`latest` from which some sigmoid meets the budget (closed form)."""
+    return tuple(s for s in range(min(latest, layers - 1) + 1)
+                 if budget.is_met(leanest_schedule(visual_tokens, layers, s), costs))
 
 
 @dataclass
@@ -141,6 +157,8 @@ class PSigmoidRun:
     n_trials: int = 48
     progress: Callable[[int, dict[str, Any]], None] | None = None
     worker: str = "main"
+    rule: str = RULE  # when the space has no "rule" choice
+    deadline: float | None = None  # time.monotonic() after which no new trial starts
 
     def trial(self) -> bool:
         """Ask, fit the floor, score, tell; True if a trial was recorded.
@@ -154,19 +172,24 @@ class PSigmoidRun:
             if self.backend.rank(trial) > self.n_trials:
                 self.backend.fail(trial)
                 return False
-            fitted = fit_proposal(n, layers, self.start_layer, trial.params["slope"], trial.params["midpoint"],
+            start = int(trial.params.get("start", self.start_layer))
+            fitted = fit_proposal(n, layers, start, trial.params["slope"], trial.params["midpoint"],
                                   self.budget, self.costs)
             # user attributes: what optuna-dashboard shows for each trial
-            attrs: dict[str, Any] = {"feasible": fitted is not None, "worker": self.worker,
-                                     "rule": self.scorer.rule.name, "score_layer": self.scorer.score_layer}
+            attrs: dict[str, Any] = {"feasible": fitted is not None, "worker": self.worker, "start": start,
+                                     "rule": trial.params.get("rule", self.rule)}
             value = INFEASIBLE
             if fitted is not None:
                 midpoint, floor, counts = fitted
-                ev = self.scorer.evaluate(counts)
+                plan = self.scorer.rule_plan(counts, attrs["rule"])
+                ev = self.scorer.evaluate_plan(plan)
                 value = ev.objective
-                attrs.update(midpoint_used=midpoint, floor=floor, counts=list(counts), value=ev.value, agreement=ev.agreement, kl=ev.kl,
-                             accuracy=ev.accuracy, flops_full=self.costs.fraction(counts, "full"),
-                             flops_visual=self.costs.fraction(counts, "visual"))
+                attrs.update(score_layer=plan.score_layer, rule_base=plan.rule.name, rule_params=plan.rule.params(),
+                             vision_rule=plan.vision.name if plan.vision else None,
+                             midpoint_used=midpoint, floor=floor, counts=list(plan.counts), value=ev.value,
+                             agreement=ev.agreement, kl=ev.kl, accuracy=ev.accuracy,
+                             flops_full=self.costs.fraction(plan.counts, "full"),
+                             flops_visual=self.costs.fraction(plan.counts, "visual"))
         except BaseException:
             self.backend.fail(trial)
             raise
@@ -186,7 +209,7 @@ class PSigmoidRun:
         wait: they either finish, or their worker died and the trial is failed once its heartbeat is
         stale (and re-queued), which frees the slot for this worker.
         """
-        while True:
+        while self.deadline is None or time.monotonic() < self.deadline:
             self.backend.reap()
             state = self.backend.progress()
             if state.finished >= self.n_trials:
@@ -197,23 +220,51 @@ class PSigmoidRun:
             self.trial()
 
 
-def best_result(run: PSigmoidRun, seconds: float, params: dict[str, Any]) -> SearchResult:
-    """The best feasible finished trial as a search result (ties: fewer full-sequence FLOPs)."""
-    trials = [t for t in run.backend.finished() if t.attrs.get("feasible")]
+#: Trials re-scored on the validation samples: the best by search score seldom stays best on new samples.
+VALIDATED_TRIALS = 5
+
+
+def best_result(run: PSigmoidRun, seconds: float, params: dict[str, Any],
+                validation: ScheduleScorer | None = None) -> SearchResult:
+    """The best feasible finished trial as a search result. With `validation`, the best
+    `VALIDATED_TRIALS` distinct schedules by search score are re-scored there and the best validation
+    score wins; ties go to the search score, then to fewer full-sequence FLOPs."""
+    # a trial told by an older version, or under other costs, is not trusted to meet the budget
+    trials = [t for t in run.backend.finished() if t.attrs.get("feasible") and "rule_base" in t.attrs
+              and run.budget.is_met(tuple(t.attrs["counts"]), run.costs)]
     if not trials:
         raise ValueError(f"no P-Sigmoid trial met the budget {run.budget.text}; widen the budget or lower --start-layer")
-    best = max(trials, key=lambda t: (t.value, -t.attrs["flops_full"]))
+    ranked = sorted(trials, key=lambda t: (t.value, -t.attrs["flops_full"]), reverse=True)
+    checked: dict[tuple, float] = {}
+    if validation is not None:
+        for t in ranked:
+            key = (tuple(t.attrs["counts"]), t.attrs["rule"])
+            if key not in checked:
+                checked[key] = validation.evaluate_plan(run.scorer.rule_plan(t.attrs["counts"], t.attrs["rule"])).objective
+            if len(checked) == VALIDATED_TRIALS:
+                break
+        ranked = sorted(ranked,
+                        key=lambda t: (checked.get((tuple(t.attrs["counts"]), t.attrs["rule"]), float("-inf")),
+                                       t.value, -t.attrs["flops_full"]), reverse=True)
+    best = ranked[0]
     counts = tuple(best.attrs["counts"])
     assert run.budget.is_met(counts, run.costs), "P-Sigmoid kept a schedule over budget"
+    picked: dict[str, Any] = {}
+    if validation is not None:
+        ev = validation.evaluate_plan(run.scorer.rule_plan(counts, best.attrs["rule"]))
+        picked = {"validation_value": ev.value, "validation_agreement": ev.agreement,
+                  "validation_samples": len(validation.data), "validated_trials": len(checked)}
+    vision = best.attrs.get("vision_rule")
+    rule = "fitprune" if vision else best.attrs["rule_base"]  # a registered rule (attrs["rule"] may be a variant)
     return SearchResult(
-        counts, "psigmoid", {**params, "start_layer": run.start_layer, "metric": run.scorer.metric},
-        RULE, dict(RULE_PARAMS), SCORE_LAYER,
-        {"best_trial": best.number, "slope": best.params["slope"], "midpoint": best.attrs["midpoint_used"],
-         "floor": best.attrs["floor"], "value": best.attrs["value"], "agreement": best.attrs["agreement"],
-         "kl": best.attrs["kl"], "trials": len(run.backend.finished()), "feasible_trials": len(trials),
+        counts, "psigmoid", {**params, "start_layer": best.attrs["start"], "metric": run.scorer.metric},
+        rule, dict(best.attrs["rule_params"]), best.attrs["score_layer"],
+        {"best_trial": best.number, "rule": best.attrs["rule"], "slope": best.params["slope"],
+         "midpoint": best.attrs["midpoint_used"], "floor": best.attrs["floor"], "value": best.attrs["value"],
+         "agreement": best.attrs["agreement"], "kl": best.attrs["kl"], **picked,
+         "trials": len(run.backend.finished()), "feasible_trials": len(trials),
          "history": [{"trial": t.number, "objective": t.value, "feasible": bool(t.attrs.get("feasible")),
                       "worker": t.attrs.get("worker", "")} for t in sorted(run.backend.finished(),
                                                                            key=lambda t: t.number)]},
-        seconds,
+        seconds, vision_rule=vision,
     )
-

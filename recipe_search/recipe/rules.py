@@ -18,6 +18,7 @@ from ..flops import CostModel, VisionCost
 from ..models import ModelAdapter
 from .build import with_vision_costs
 from .schema import Recipe, Schedule, VisionSelection
+from ..runtime.plan import pre_llm_counts
 from ..runtime.selection import ScoringRule, make_rule
 from ..runtime.vision import resolve_encoder_layer
 
@@ -36,7 +37,7 @@ def with_rule(recipe: Recipe, adapter: ModelAdapter, costs: CostModel, name: str
     n, counts = recipe.schedule.visual_tokens, list(recipe.schedule.counts)
     first = next((i for i, c in enumerate(counts) if c < n), None)
     if first is not None and first > 0:
-        counts = [min(c, counts[first]) for c in counts]
+        counts = list(pre_llm_counts(counts, n))
         method = replace(method, result={**method.result, "pre_llm_cut_from_layer": first})
     return replace(recipe, vision=VisionSelection(rule.name, rule.params(), layer), method=method,
                    schedule=Schedule(n, counts, [c / n for c in counts]),

@@ -27,6 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..hooks import CallHook, HookSet, ModelHook
 from ..models import LayerCall, LiveTokens, ModelAdapter, get_adapter
@@ -34,7 +37,34 @@ from .plan import PruningPlan
 from .selection import Choice, ProjectionReuse, ScoreContext, ScoringRule
 from .vision import VisionStage
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+def attention_refusal(impl: str) -> str | None:
+    """Why the runtime cannot prune under attention implementation `impl` (None: it can).
+
+    Judged by the functions transformers runs for it, not by its name: an implementation registered
+    under another name that runs the sdpa or eager attention with their tensor masks is accepted."""
+    if impl == "eager":
+        return None
+    fn = ALL_ATTENTION_FUNCTIONS[impl] if impl in ALL_ATTENTION_FUNCTIONS.valid_keys() else None
+    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[impl] if impl in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys() else None
+    name = getattr(fn, "__name__", "")
+    if fn is sdpa_attention_forward and mask_fn in (sdpa_mask, eager_mask):
+        return None
+    if impl.startswith("paged|") or "paged" in name:
+        why = ("it is transformers' continuous-batching path (generate_batch over a paged KV cache), whose "
+               "cache blocks and per-request lengths the runtime cannot re-index")
+    elif name == "flex_attention_forward":
+        why = ("each layer gets a compiled BlockMask the runtime cannot gather to the surviving tokens, and every "
+               "pruned sequence length recompiles the kernel (25-40 s per shape on a CPU)")
+    elif "flash" in name:
+        why = ("flash-attn kernels run only on a CUDA GPU and take a 2-D padding mask (or none) instead of the "
+               "per-layer 4-D mask the runtime gathers to the surviving tokens")
+    else:
+        why = (f"it runs {getattr(fn, '__module__', '?')}.{name or '?'}, not the sdpa or eager attention whose "
+               "tensor masks the runtime re-indexes")
+    return f"attention implementation {impl!r} cannot be pruned: {why}; load the model with 'sdpa' or 'eager'"
+
+
 #: model -> its live handle: two plans on one model would prune twice.
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
 
@@ -120,12 +150,12 @@ class PruningHandle:
         self.plan = plan
         self.adapter = adapter or get_adapter(model)
         impl = getattr(self.adapter.text_config, "_attn_implementation", None) or "eager"
-        if impl not in SUPPORTED_ATTENTION:
-            raise PruningError(
-                f"attention implementation {impl!r} is not supported by the pruning runtime; "
-                f"use one of {', '.join(SUPPORTED_ATTENTION)}"
-            )
-        self.attn_impl = impl
+        refusal = attention_refusal(impl)
+        if refusal is not None:
+            raise PruningError(refusal)
+        # the mask format the layers take: boolean for sdpa's mask function, additive float for eager's
+        masks = ALL_MASK_ATTENTION_FUNCTIONS[impl] if impl in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys() else None
+        self.attn_impl = "sdpa" if masks is sdpa_mask else "eager"
         layers = list(self.adapter.decoder_layers())
         if len(plan.counts) != len(layers):
             raise PruningError(f"plan has {len(plan.counts)} layers, the model has {len(layers)}")

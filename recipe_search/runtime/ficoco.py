@@ -86,6 +86,11 @@ class FiCoCoLRule(_FiCoCo, SelectionRule):
     (V = live visual tokens, T = prompt text after the image); the highest R are discarded.
     Correlate: C = beta * 𝓛_VV + (1 - beta) * 𝓛_VT 𝓛_TV / |T| (indirect, through the text; the
     1/|T| keeps it on one logit-product's scale whatever the prompt length), then `correlate`.
+
+    As in the reference, the visual term is a sum over n tokens and the text term a mean, so the
+    text term weighs about 1/n as much; and sum_j 𝓛[i, j] = n q_i . mean_j(k_j) / sqrt(d) is token
+    i's own query against the mean key, not its similarity to other tokens: whether it tracks
+    redundancy depends on the model (docs/rules.md, "Why rules fall below random").
     """
 
     name = "ficoco-l"
@@ -121,6 +126,10 @@ class FiCoCoVRule(_FiCoCo, VisionRule):
     R_i = lam * a_i - (1 - lam) * p_i, the lowest R discarded. With `local_penalty`, the minimum
     of every 2x2 window of the patch grid is pushed down (R/2 if R > 0, 2R otherwise), spreading
     the discards. Correlate: 𝓛 between patches, then `correlate`. CLS is never discarded or merged.
+
+    Both terms are logits, not similarities: p_i is patch i's query against the mean patch key, and
+    a needs a CLS that the tower was trained to use. On the demo tower (CLS without a training
+    signal) both point at the background, so the filter discards the objects (docs/rules.md).
     """
 
     name = "ficoco-v"

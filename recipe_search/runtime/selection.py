@@ -81,14 +81,21 @@ class ScoreContext:
         return ~self.all_visual & self.key_ok & (self.cols < self.prompt_end)
 
     def query_key(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys (B, H, Lc, dh), made contiguous once: the rules slice them chunk by chunk, and
+        strided slices made every chunk's matrix product copy its operands first."""
         if self._qk is None:
-            self._qk = self.adapter.query_key(self.layer, self.hidden, self.rope)
+            q, k = self.adapter.query_key(self.layer, self.hidden, self.rope)
+            self._qk = (q.contiguous(), k.contiguous())
         return self._qk
 
     def _row_logits(self, rows: torch.Tensor, keys: int | None = None) -> torch.Tensor:
         """Logits (B, H, R, keys) of query rows `rows` against the first `keys` keys (all by default)."""
         q, k = self.query_key()
-        q_rows = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+        start = rows[:1, :1]
+        if rows.numel() and bool((rows == start + torch.arange(rows.shape[1], device=rows.device)).all()):
+            q_rows = q.narrow(2, int(start), rows.shape[1])  # one run of rows, the same in every batch row: a view
+        else:
+            q_rows = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
         if keys is not None and keys < k.shape[2]:
             k = k[:, :, :keys]
         return self.adapter.attention_logits(self.layer, q_rows, k)
@@ -338,7 +345,13 @@ def _reduce_heads(probs: torch.Tensor, how: str) -> torch.Tensor:
 
 @register
 class AttentionRule(ScoringRule):
-    """FastV-style: head-mean attention that the last prompt token (or all post-image text) pays."""
+    """FastV-style: head-mean attention that the last prompt token (or all post-image text) pays.
+
+    FastV ranks at layer K-1 >= 1 (K = 2). Scored at layer 0, the last token's query is its own
+    embedding, blind to the question; at layers 0-1 it favours fixed positions (the image's last row,
+    attention sinks) and can fall below random; `query="text"` reads the question's own tokens
+    (measured in docs/rules.md).
+    """
 
     name = "attention"
 

@@ -1,0 +1,165 @@
+"""The default search (methods/auto.py): candidates, validation pick, time bound, rules inside the BO."""
+import pytest
+import torch
+
+from recipe_search.budget import parse_budget
+from recipe_search.calibration import demo_samples
+from recipe_search.flops import CostModel
+from recipe_search.methods import auto, psigmoid
+from recipe_search.methods.objective import KL_TIE_BREAK, ScheduleScorer
+from recipe_search.methods.optimizers import OptunaBackend, SkoptBackend, default_storage
+from recipe_search.pipeline import LoadedModel, SearchOptions, search_recipes
+from recipe_search.runtime import make_rule
+from recipe_search.runtime.selection import RULES
+from recipe_search.runtime.apply import plan_from_recipe
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from recipe_search.demo import demo_checkpoint
+    from recipe_search.models.loading import load_model
+
+    model, processor, adapter = load_model(demo_checkpoint())
+    return LoadedModel(model, processor, adapter, "demo")
+
+
+@pytest.fixture(scope="module")
+def costs(loaded):
+    return CostModel(loaded.adapter.dims(), 144, (12,) * 12)
+
+
+@pytest.fixture(scope="module")
+def searched(loaded, tmp_path_factory):
+    """One default search at two budgets on 16 demo samples (8 search, 8 validation)."""
+    tmp = tmp_path_factory.mktemp("auto")
+    options = SearchOptions(n_trials=6, n_startup=3, work_dir=tmp, batch_size=8)
+    data = demo_samples("calib", 16)
+    return data, search_recipes(loaded, data, [parse_budget("50%"), parse_budget("25%")], method="auto",
+                                options=options, cache_dir=tmp / "cache", progress=False)
+
+
+def test_split_is_disjoint_and_interleaved():
+    data = demo_samples("calib", 10)
+    search, validation = data.split(0.5)
+    assert len(search) == 5 and len(validation) == 5
+    assert {id(s) for s in search.samples}.isdisjoint(id(s) for s in validation.samples)
+    assert validation.samples == data.samples[1::2]
+
+
+@pytest.mark.parametrize("budget", ["50%", "25%", "12.5%", "64tok"])
+def test_scaled_curve_is_the_largest_scale_within_budget(costs, budget):
+    b = parse_budget(budget)
+    shape = (144, 144, 144, 133, 122, 122, 122, 2)
+    got = auto.scaled_schedule(shape, 144, b, costs)
+    assert got is not None and b.is_met(got, costs)
+    assert list(got) == sorted(got, reverse=True)
+    bigger = tuple(min(144, c + 1) if c < 144 else c for c in got)
+    assert bigger == got or not b.is_met(bigger, costs) or got[0] == 144
+
+
+def test_fixed_schedules_meet_the_budget_and_differ(loaded, searched, costs):
+    _, outcome = searched
+    for budget in ("50%", "25%", "12.5%"):
+        b = parse_budget(budget)
+        made = auto.fixed_schedules(outcome.stats, b, outcome.costs, (144, 144, 144, 133, 122, 122, 122, 2))
+        assert made and all(b.is_met(c, outcome.costs) for _, c in made)
+        assert len({c for _, c in made}) == len(made)
+        assert any(name == "fitprune" for name, _ in made)
+
+
+def test_winner_is_the_best_validated_candidate_and_recorded(loaded, searched):
+    data, outcome = searched
+    for recipe in outcome.recipes:
+        assert recipe.method.name == "auto"
+        result = recipe.method.result
+        rows = [result["winner"], *result["runners_up"]]
+        assert len(rows) >= 2
+        merit = [(r["validation_value"] - KL_TIE_BREAK * r["validation_kl"],
+                  r["search_value"] - KL_TIE_BREAK * r["search_kl"], -r["flops_full"]) for r in rows]
+        assert merit[0] == pytest.approx(max(merit), abs=1e-5)  # validation first; then search score, FLOPs
+        assert recipe.budget.achieved["full"] <= recipe.budget.value + 1e-9
+        assert result["candidates_scored"] >= len(rows)
+        assert len(result["winner"]["counts"]) == 8
+        assert "random" not in {r["rule"] for r in rows}  # the baseline is never a candidate
+
+
+def test_recorded_validation_score_is_what_the_recipe_does(loaded, searched):
+    """Re-score the written recipe on the validation samples: the runtime plan built from the JSON
+    gives exactly the agreement the search recorded for its winner."""
+    data, outcome = searched
+    _, validation = data.split(0.5)
+    scorer = ScheduleScorer(loaded, validation, make_rule("attention"), "previous", batch_size=8,
+                            metric=outcome.recipes[0].method.params["metric"])
+    for recipe in outcome.recipes:
+        ev = scorer.evaluate_plan(plan_from_recipe(recipe))
+        assert ev.agreement == pytest.approx(recipe.method.result["validation_agreement"])
+        assert ev.value == pytest.approx(recipe.method.result["validation_value"])
+
+
+def test_an_exhausted_time_budget_still_writes_the_first_candidate(loaded, tmp_path):
+    options = SearchOptions(n_trials=6, n_startup=3, work_dir=tmp_path, batch_size=8, time_budget=1e-6)
+    outcome = search_recipes(loaded, demo_samples("calib", 8), [parse_budget("50%")], method="auto",
+                             options=options, cache_dir=tmp_path / "cache", progress=False)
+    (recipe,) = outcome.recipes
+    assert recipe.method.result["candidates_scored"] == 1
+    assert recipe.method.result["winner"]["schedule"] == "fitprune"
+    assert recipe.selection.rule == "fitprune"
+
+
+def test_one_rule_limits_every_candidate(loaded, tmp_path):
+    options = SearchOptions(n_trials=4, n_startup=2, work_dir=tmp_path, batch_size=8)
+    outcome = search_recipes(loaded, demo_samples("calib", 8), [parse_budget("50%")], method="auto",
+                             options=options, cache_dir=tmp_path / "cache", progress=False, rule="dart")
+    result = outcome.recipes[0].method.result
+    assert {r["rule"] for r in [result["winner"], *result["runners_up"]]} == {"dart"}
+    assert outcome.recipes[0].selection.rule == "dart"
+
+
+def test_psigmoid_searches_the_rule_and_start_layer(loaded, costs, tmp_path):
+    """The rule and the start layer are categorical BO parameters; the recipe takes the best trial's."""
+    scorer = ScheduleScorer(loaded, demo_samples("calib", 8), make_rule("attention"), "previous", batch_size=8)
+    rules, starts = ("fitprune", "attention-text", "freepruner"), (0, 1, 2)
+    backend = OptunaBackend(psigmoid.search_space(8, 2, rules, starts), default_storage(tmp_path, "t"), "s",
+                            n_startup=8, seed=3)
+    run = psigmoid.PSigmoidRun(scorer, parse_budget("50%"), costs, backend, 2, 8)
+    run.run()
+    done = backend.finished()
+    assert len({t.params["rule"] for t in done}) > 1 and len({t.params["start"] for t in done}) > 1
+    for t in done:
+        if t.attrs["feasible"]:
+            plan = scorer.rule_plan(t.attrs["counts"], t.params["rule"])
+            assert scorer.evaluate_plan(plan).objective == pytest.approx(t.value)
+            assert (plan.vision is not None) == (t.params["rule"] == "freepruner")
+    best = psigmoid.best_result(run, 0.0, {})
+    top = max((t for t in done if t.attrs["feasible"]), key=lambda t: (t.value, -t.attrs["flops_full"]))
+    assert best.result["rule"] == top.params["rule"] and best.params["start_layer"] == top.params["start"]
+    for t in done:  # a variant's trial becomes a registered rule with the variant's parameters
+        if t.attrs["feasible"] and t.params["rule"] == "attention-text":
+            assert t.attrs["rule_base"] == "attention" and t.attrs["rule_params"]["query"] == "text"
+    assert best.rule in RULES.names() and make_rule(best.rule, best.rule_params).params() == best.rule_params
+
+
+def test_skopt_keeps_categorical_parameters_across_a_resume(tmp_path):
+    space = psigmoid.search_space(8, 2, ("fitprune", "dart"), (0, 1, 2))
+    log = tmp_path / "s.skopt.json"
+    first = SkoptBackend(space, log, n_startup=2, seed=0)
+    for value in (0.3, 0.6):
+        trial = first.ask()
+        assert trial.params["rule"] in ("fitprune", "dart") and trial.params["start"] in (0, 1, 2)
+        first.tell(trial, value, {})
+    first.close()
+    again = SkoptBackend(space, log, n_startup=2, seed=0, resume=True)
+    assert [t.params for t in again.finished()] == [t.params for t in first.finished()]
+    assert again.ask().params["rule"] in ("fitprune", "dart")
+    again.close()
+
+
+def test_gsearch_runs_per_rule_and_checks_the_validation_part(loaded, tmp_path):
+    options = SearchOptions(work_dir=tmp_path, batch_size=8)
+    outcome = search_recipes(loaded, demo_samples("calib", 16), [], method="gsearch", options=options,
+                             cache_dir=tmp_path / "cache", progress=False, rule="dart")
+    (recipe,) = outcome.recipes
+    result = recipe.method.result
+    assert recipe.selection.rule == "dart" and recipe.selection.score_layer == "same"
+    assert result["validation_samples"] == 8 and result["validation_value"] == 1.0  # both halves kept every answer
+    assert result["value"] == 1.0 and recipe.calibration.num_samples == 16  # statistics: every sample
