@@ -13,10 +13,15 @@ exactly one split by a hash of its content, so no layout (hence no image) can oc
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+T = TypeVar("T")
+S = TypeVar("S")
 
 IMAGE_SIZE = 96
 CELL = 8
@@ -147,8 +152,9 @@ def sample_scene(split: str, rng: np.random.Generator, n_objects: tuple[int, int
             return scene
 
 
-def _pick_unique(objs: tuple[SceneObject, ...], attr: str, rng: np.random.Generator) -> SceneObject | None:
-    """A random object whose `attr` (shape or colour) no other object shares, so a question can name it."""
+def pick_unique(objs: Sequence[T], attr: str, rng: np.random.Generator) -> T | None:
+    """A random object whose `attr` (e.g. shape or colour) no other object shares, so a question can
+    name it (shared with the second model's world, world2.py)."""
     values = [getattr(o, attr) for o in objs]
     unique = [o for o, v in zip(objs, values) if values.count(v) == 1]
     return unique[int(rng.integers(len(unique)))] if unique else None
@@ -168,7 +174,7 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, u: float) -> tuple[s
     """
     objs = scene.objects
     if qtype == "colour":
-        o = _pick_unique(objs, "shape", rng)
+        o = pick_unique(objs, "shape", rng)
         return None if o is None else (f"what colour is the {o.shape} ?", o.colour)
     if qtype == "count":
         target = int(u * len(COUNT_WORDS))
@@ -184,32 +190,42 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, u: float) -> tuple[s
             return None
         return f"is there a {pool[int(rng.integers(len(pool)))]} ?", "yes" if u < 0.5 else "no"
     if qtype == "shape":
-        o = _pick_unique(objs, "colour", rng)
+        o = pick_unique(objs, "colour", rng)
         return None if o is None else (f"which shape is {o.colour} ?", o.shape)
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 
-def sample_item(split: str, seed: int, index: int, qtype: str) -> tuple[Scene, str, str]:
-    """Scene plus one question of `qtype`; resamples the scene until the question exists."""
-    rng = split_rng(split, seed, index)
+def answerable(split: str, rng: np.random.Generator, qtype: str, scene_of: Callable[[str, np.random.Generator], S],
+               ask_of: Callable[[S, str, np.random.Generator, float], tuple[str, str] | None]) -> tuple[S, str, str]:
+    """A scene plus one question of `qtype`: the answer class `u` is drawn once and kept while the
+    scene is resampled until the question exists (so answers stay balanced). Shared with world2.py."""
     u = float(rng.random())
     while True:
-        scene = sample_scene(split, rng)
-        qa = ask(scene, qtype, rng, u)
+        scene = scene_of(split, rng)
+        qa = ask_of(scene, qtype, rng, u)
         if qa is not None:
             return scene, qa[0], qa[1]
 
 
-def make_split(split: str, n: int, seed: int = 0) -> list[VQASample]:
-    """`n` deterministic samples of `split`, one question per image, types in round-robin.
+def sample_item(split: str, seed: int, index: int, qtype: str) -> tuple[Scene, str, str]:
+    """Scene plus one question of `qtype`; resamples the scene until the question exists."""
+    return answerable(split, split_rng(split, seed, index), qtype, sample_scene, ask)
 
-    Item i depends only on (split, seed, i), so a longer split extends a shorter one.
-    """
+
+def draw_split(split: str, n: int, seed: int, item: Callable[[str, int, int, str], tuple[Any, str, str]],
+               qtypes: Sequence[str]) -> list[VQASample]:
+    """`n` deterministic samples of `split` made by `item`, one question per image, types in
+    round-robin. Item i depends only on (split, seed, i), so a longer split extends a shorter one."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     samples = []
     for i in range(n):
-        qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
-        scene, question, answer = sample_item(split, seed, i, qtype)
+        qtype = qtypes[i % len(qtypes)]
+        scene, question, answer = item(split, seed, i, qtype)
         samples.append(VQASample(scene.render(), question, answer, qtype, f"{split}-s{seed}-{i:06d}"))
     return samples
+
+
+def make_split(split: str, n: int, seed: int = 0) -> list[VQASample]:
+    """`n` deterministic samples of `split`, one question per image, types in round-robin."""
+    return draw_split(split, n, seed, sample_item, QUESTION_TYPES)

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .world import VQASample, answerable, draw_split, pick_unique
+
 IMAGE_SIZE = 160
 CELL = 16
 GRID = IMAGE_SIZE // CELL  # 10 cells per side -> 100 cells
@@ -134,15 +136,6 @@ def _draw_tile(draw: ImageDraw.ImageDraw, kind: str, x0: int, y0: int, fill: tup
         draw.polygon([(x0 + h, y0), (x0 + s, y0 + h), (x0 + h, y0 + s), (x0, y0 + h)], fill=fill)
 
 
-@dataclass(frozen=True)
-class VQASample:
-    image: Image.Image  # RGB, IMAGE_SIZE x IMAGE_SIZE
-    question: str
-    answer: str  # one word of vocabulary()
-    qtype: str
-    image_id: str  # "{split}-s{seed}-{index:06d}", unique across splits
-
-
 def split_rng(split: str, seed: int, index: int) -> np.random.Generator:
     """Independent generator for item `index` of `split`; disjoint streams per split and seed."""
     if split not in SPLITS:
@@ -178,13 +171,6 @@ def sample_scene(split: str, rng: np.random.Generator,
             return scene
 
 
-def _pick_unique(tiles: tuple[Tile, ...], attr: str, rng: np.random.Generator) -> Tile | None:
-    """A random tile whose `attr` (kind or colour) no other tile shares, so a question can name it."""
-    values = [getattr(t, attr) for t in tiles]
-    unique = [t for t, v in zip(tiles, values) if values.count(v) == 1]
-    return unique[int(rng.integers(len(unique)))] if unique else None
-
-
 def ask(scene: Scene, qtype: str, rng: np.random.Generator, u: float) -> tuple[str, str] | None:
     """A (question, answer) of type `qtype` about `scene`, or None if the scene has none.
 
@@ -193,7 +179,7 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, u: float) -> tuple[s
     """
     tiles = scene.tiles
     if qtype == "colour":
-        t = _pick_unique(tiles, "kind", rng)
+        t = pick_unique(tiles, "kind", rng)
         return None if t is None else (f"what colour is the {t.kind} ?", t.colour)
     if qtype == "count":
         target = int(u * len(COUNT_WORDS))
@@ -208,30 +194,16 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, u: float) -> tuple[s
             return None
         return f"is there any {pool[int(rng.integers(len(pool)))]} ?", "yes" if u < 0.5 else "no"
     if qtype == "kind":
-        t = _pick_unique(tiles, "colour", rng)
+        t = pick_unique(tiles, "colour", rng)
         return None if t is None else (f"which kind is {t.colour} ?", t.kind)
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 
 def sample_item(split: str, seed: int, index: int, qtype: str) -> tuple[Scene, str, str]:
     """Scene plus one question of `qtype`; resamples the scene until the question exists."""
-    rng = split_rng(split, seed, index)
-    u = float(rng.random())
-    while True:
-        scene = sample_scene(split, rng)
-        qa = ask(scene, qtype, rng, u)
-        if qa is not None:
-            return scene, qa[0], qa[1]
+    return answerable(split, split_rng(split, seed, index), qtype, sample_scene, ask)
 
 
 def make_split(split: str, n: int, seed: int = 0) -> list[VQASample]:
-    """`n` deterministic samples of `split`, one question per image, types round-robin.
-
-    Item i depends only on (split, seed, i), so a longer split extends a shorter one.
-    """
-    samples = []
-    for i in range(n):
-        qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
-        scene, question, answer = sample_item(split, seed, i, qtype)
-        samples.append(VQASample(scene.render(), question, answer, qtype, f"{split}-s{seed}-{i:06d}"))
-    return samples
+    """`n` deterministic samples of `split`, one question per image, types in round-robin."""
+    return draw_split(split, n, seed, sample_item, QUESTION_TYPES)
