@@ -31,9 +31,10 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -158,7 +159,9 @@ def bench_model(spec: str, args: argparse.Namespace, work: Path) -> ModelReport:
                     continue
                 add(budget.text, f"{schedule} schedule", chosen, single_pair=rule != "random")
     if spec == "demo":
-        from ceiling import ceiling_rows  # scripts/ceiling.py: the world knows which patches hold objects
+        from ceiling import (
+            ceiling_rows,  # scripts/ceiling.py: the world knows which patches hold objects
+        )
 
         for text, acc, _ in ceiling_rows(budgets, eval_samples=args.eval_samples, threads=None, loaded=loaded):
             report.rows.append(Row(text, "ceiling: object patches first (uniform schedule)", "oracle", None, None,
@@ -180,9 +183,9 @@ def _pct(x: float | None) -> str:
 
 
 def model_table(rep: ModelReport) -> str:
-    lines = [f"### {rep.name}: {rep.layers} layers, {rep.visual_tokens} visual tokens; {rep.eval_source}, "
+    lines = [(f"### {rep.name}: {rep.layers} layers, {rep.visual_tokens} visual tokens; {rep.eval_source}, "
              f"{rep.eval_total} questions; unpruned accuracy {rep.base_accuracy:.1%} "
-             f"({', '.join(f'{k} {v:.1%}' for k, v in rep.per_type.items())})", "",
+             f"({', '.join(f'{k} {v:.1%}' for k, v in rep.per_type.items())})"), "",
              "| budget | method / schedule | rule | full FLOPs | accuracy | kept | visual tokens entering each layer |",
              "|---|---|---|---:|---:|---:|---|"]
     for r in rep.rows:
@@ -214,9 +217,9 @@ def summary(reports: list[ModelReport], budgets: list[str]) -> str:
                                        f"| {r.name}: FastV" + (f" | {r.name}: ceiling" if r.name == "demo" else "")
                                        for r in reports) + " |"
     lines = [head, "|---|" + "---|" * (head.count("|") - 2)]
-    floor_lines = ["| model | budget | default kept | floor | within 0.5 pt of best pair | ahead of random and FastV "
+    floor_lines = [("| model | budget | default kept | floor | within 0.5 pt of best pair | ahead of random and FastV "
                    "| no 'no trial met the budget' (a budget no schedule of a method can meet is refused in "
-                   "one line, before any trial) |", "|---|---|---:|---:|---|---|---|"]
+                   "one line, before any trial) |"), "|---|---|---:|---:|---|---|---|"]
     for b in budgets:
         cells = []
         for rep in reports:
@@ -271,9 +274,9 @@ def main() -> int:
     how = (f"one run per model, combined with `--combine {args.combine}`" if args.combine else
            f"{torch.get_num_threads()} torch thread(s), {time.perf_counter() - started:.0f} s in all")
     text = "\n\n".join([
-        f"# bench_quality: the default search against every method and rule\n\n"
+        (f"# bench_quality: the default search against every method and rule\n\n"
         f"`python scripts/bench_quality.py --models {args.models} --budgets {args.budgets} --eval-samples "
-        f"{args.eval_samples} --calib-samples {args.calib_samples} --trials {args.trials}` ({how})",
+        f"{args.eval_samples} --calib-samples {args.calib_samples} --trials {args.trials}` ({how})"),
         "## Side by side\n\n" + summary(reports, budgets),
         *(model_table(r) for r in reports)]) + "\n"
     print(text)

@@ -25,14 +25,10 @@ torch.use_deterministic_algorithms(True) make a run reproducible.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,11 +36,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable from a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO))
+SCRIPTS = pathlib.Path(__file__).resolve().parent
+for _path in (REPO, SCRIPTS):  # runnable from a checkout without `pip install -e .`, and importable by tests
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import training_common as common
+from training_common import Vocab
 
 from recipe_search.demo import world2 as world
 
@@ -132,8 +132,7 @@ def build_model(tokenizer: Any) -> Any:
 
 
 # -- batches -------------------------------------------------------------------------------------------------
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)  # the image processor's (OpenAI CLIP)
-STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+MEAN, STD = common.CLIP_MEAN, common.CLIP_STD  # the image processor's (OpenAI CLIP)
 
 
 def patchify(images: list) -> torch.Tensor:
@@ -148,23 +147,18 @@ def patchify(images: list) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(out))
 
 
-class Vocab:
-    def __init__(self, tokenizer: Any) -> None:
-        self.ids: dict[str, int] = tokenizer.get_vocab()
-
-    def encode(self, text: str) -> list[int]:
-        return [self.ids[w] for w in text.split()]
-
-
 PREFIX = (START, "user", VSTART)  # tokens before the image span
+
+
+# after the image span: "<|vision_end|> q<|im_end|> <|im_start|>assistant a<|im_end|>", later turns
+# opening with "<|im_start|>user".
+TURN = common.TurnLayout(first_head=(VEND,), next_head=(START, "user"), before_answer=(END, START, "assistant"),
+                         end=END)
 
 
 def turn_ids(vocab: Vocab, question: str, answer: str, first: bool) -> tuple[list[int], int, int]:
     """Token ids after the image span for one QA turn; (ids, index predicting the answer, answer id)."""
-    head = [vocab.ids[VEND]] if first else [vocab.ids[START], vocab.ids["user"]]
-    ids = head + vocab.encode(question) + [vocab.ids[END], vocab.ids[START], vocab.ids["assistant"]]
-    pos = len(ids) - 1
-    return ids + [vocab.ids[answer], vocab.ids[END]], pos, vocab.ids[answer]
+    return TURN.ids(vocab, question, answer, first)
 
 
 @dataclass
@@ -187,7 +181,7 @@ def make_batch(vocab: Vocab, split: str, seed: int, start: int, size: int, turns
     """Images start..start+size-1 of the split's stream (seed offset 1 keeps them apart from make_split's
     calib/eval items), each with `turns` questions; types round-robin or drawn with `type_weights`."""
     colours = list(world.COLOURS)
-    images, kinds, cols, texts, apos, answers, qtypes = [], [], [], [], [], [], []
+    images, kinds, cols, rows = [], [], [], []
     for i in range(start, start + size):
         rng = world.split_rng(split, seed + 1, i)
         scene = world.sample_scene(split, rng, n_targets)
@@ -198,7 +192,7 @@ def make_batch(vocab: Vocab, split: str, seed: int, start: int, size: int, turns
         for t in scene.tiles:
             kl[t.cell] = KIND_CLASSES.index(t.kind)
             cl[t.cell] = 1 + colours.index(t.colour)
-        ids, ps, ans, qs = [], [], [], []
+        row = common.QARow()
         for k in range(turns):
             for _ in range(8):  # a type the scene cannot answer: draw another
                 q = (world.QUESTION_TYPES[(i + k) % 4] if type_weights is None
@@ -208,19 +202,12 @@ def make_batch(vocab: Vocab, split: str, seed: int, start: int, size: int, turns
                     break
             if qa is None:
                 continue
-            t_ids, p, a = turn_ids(vocab, qa[0], qa[1], first=not ids)
-            ps.append(len(ids) + p)
-            ids += t_ids
-            ans.append(a)
-            qs.append(q)
+            row.add(TURN, vocab, qa[0], qa[1], q)
+        rows.append(row)
         images.append(scene.render())
         kinds.append(kl)
         cols.append(cl)
-        texts.append(ids)
-        apos.append(ps)
-        answers.append(ans)
-        qtypes.append(qs)
-    return Batch(patchify(images), torch.stack(kinds), torch.stack(cols), texts, apos, answers, qtypes)
+    return Batch(patchify(images), torch.stack(kinds), torch.stack(cols), *common.text_fields(rows))
 
 
 def eval_batches(vocab: Vocab, split: str, n: int, seed: int) -> list[Batch]:
@@ -288,50 +275,44 @@ def tower_states(model: Any, pixels: torch.Tensor, n_images: int) -> torch.Tenso
 
 
 def train_vision(model: Any, vocab: Vocab, args: argparse.Namespace, log: Callable[[str], None]) -> None:
-    """Stage 1: patch embed + ViT blocks + merger, with a temporary linear head on the merged tokens."""
+    """Stage 1: patch embed + ViT blocks + merger, with a temporary linear head on the merged tokens; then
+    everything but the merger frozen."""
     visual = model.model.visual
     width = model.config.text_config.hidden_size
-    head = torch.nn.Linear(width, len(KIND_CLASSES) + 1 + len(world.COLOURS))
-    opt = torch.optim.AdamW(list(visual.parameters()) + list(head.parameters()), lr=args.vision_lr, weight_decay=0.0)
-    nk = len(KIND_CLASSES)
 
-    def losses(b: Batch) -> tuple[torch.Tensor, float]:
+    def merged(b: Batch) -> torch.Tensor:
         B = b.kind_lbl.shape[0]
-        merged = visual.merger(tower_states(model, b.pixels, B)).view(B, NV, width)
-        logits = head(merged)
-        lk, lc = logits[..., :nk], logits[..., nk:]
-        loss = F.cross_entropy(lk.flatten(0, 1), b.kind_lbl.flatten()) + F.cross_entropy(
-            lc.flatten(0, 1), b.colour_lbl.flatten())
-        ok = (lk.argmax(-1) == b.kind_lbl) & (lc.argmax(-1) == b.colour_lbl)
-        return loss, ok.float().mean().item()
+        return visual.merger(tower_states(model, b.pixels, B)).view(B, NV, width)
 
+    labels = [("kind_lbl", len(KIND_CLASSES)), ("colour_lbl", 1 + len(world.COLOURS))]
     calib = make_batch(vocab, "calib", args.seed, 0, 48, 1)
-    t0 = time.time()
-    for step in range(1, args.vision_steps + 1):
-        b = make_batch(vocab, "train", args.seed, (step - 1) * args.vision_batch, args.vision_batch, 1)
-        loss, _ = losses(b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == args.vision_steps:
-            with torch.no_grad():
-                _, acc = losses(calib)
-            log(f"[vision] step {step} loss {loss.item():.4f} calib cell acc {acc:.4f} ({time.time() - t0:.0f}s)")
+    common.train_probe(
+        list(visual.parameters()), merged, width, labels,
+        lambda step: make_batch(vocab, "train", args.seed, (step - 1) * args.vision_batch, args.vision_batch, 1),
+        calib, args, log, "cell")
     for name, p in visual.named_parameters():
         if not name.startswith("merger."):
             p.requires_grad_(False)
 
 
-class Stage2:
+class Stage2(common.Stage2Base):
     """Merger + decoder training on frozen ViT states, in the processor's layout."""
 
     def __init__(self, model: Any, vocab: Vocab) -> None:
-        self.model, self.vocab = model, vocab
-        self.lm = model.model.language_model
-        self.prefix = torch.tensor([vocab.ids[t] for t in PREFIX])
+        super().__init__(model, vocab, PREFIX, PAD, NV, "kind_lbl", None)
         # aux target: each visual token's own words, uniform over them
         self.kind_ids = torch.tensor([vocab.ids[k] for k in KIND_CLASSES])
         self.colour_ids = torch.tensor([vocab.ids[c] for c in world.COLOURS])
+
+    def features(self, b: Batch) -> torch.Tensor:
+        return tower_states(self.model, b.pixels, len(b.texts))
+
+    def visual_tokens(self, b: Batch, feats: torch.Tensor) -> torch.Tensor:
+        """Merged visual tokens (B, 100, h) of the pre-merger ViT states."""
+        return self.model.model.visual.merger(feats).view(len(b.texts), NV, -1)
+
+    def positions(self, idx: torch.Tensor, text_len: int) -> torch.Tensor:
+        return positions(idx, text_len)
 
     def aux_target(self, b: Batch) -> torch.Tensor:
         B, V = b.kind_lbl.shape[0], self.model.config.text_config.vocab_size
@@ -343,149 +324,22 @@ class Stage2:
         tgt[tile] = rows
         return tgt
 
-    def forward(self, b: Batch, states: torch.Tensor, keep_blank: float, gen: torch.Generator | None):
-        """Answer logits (N, V), merged visual tokens (B, 100, h), answers (N,), types.
-
-        keep_blank < 1 drops that share of blank cells' tokens (tiles and pebbles stay); survivors keep
-        their M-RoPE positions."""
-        B = len(b.texts)
-        visual = self.model.model.visual.merger(states).view(B, NV, -1)
-        idx = self.keep_index(b, keep_blank, gen)
-        logits, answers, qtypes = self.forward_visual(b, visual, idx)
-        return logits, visual, answers, qtypes
-
-    def keep_index(self, b: Batch, keep_blank: float, gen: torch.Generator | None) -> torch.Tensor:
-        """(B, M) sorted indices of the visual tokens kept in each row."""
-        B = len(b.texts)
-        if keep_blank < 1.0:
-            busy_max = int((b.kind_lbl > 0).sum(1).max())
-            n_keep = busy_max + round(keep_blank * (NV - busy_max))
-            idx = []
-            for r in range(B):
-                busy = torch.nonzero(b.kind_lbl[r] > 0).flatten()
-                blank = torch.nonzero(b.kind_lbl[r] == 0).flatten()
-                pick = blank[torch.randperm(blank.numel(), generator=gen)[: n_keep - busy.numel()]]
-                idx.append(torch.sort(torch.cat([busy, pick])).values)
-            idx = torch.stack(idx)
-        else:
-            idx = torch.arange(NV).expand(B, NV)
-        return idx
-
-    def forward_visual(self, b: Batch, visual: torch.Tensor, idx: torch.Tensor):
-        """Answer logits (N, V), answers (N,) and types, with only the visual tokens `idx` in the sequence."""
-        B = len(b.texts)
-        kept = torch.gather(visual, 1, idx.unsqueeze(-1).expand(-1, -1, visual.shape[-1]))
-        M, P = idx.shape[1], len(PREFIX)
-        lt = max(len(t) for t in b.texts)
-        text = torch.full((B, lt), self.vocab.ids[PAD])
-        mask = torch.zeros(B, P + M + lt, dtype=torch.long)
-        for r, t in enumerate(b.texts):
-            text[r, : len(t)] = torch.tensor(t)
-            mask[r, : P + M + len(t)] = 1
-        emb = self.lm.embed_tokens
-        embeds = torch.cat([emb(self.prefix).expand(B, -1, -1), kept, emb(text)], dim=1)
-        hidden = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(idx, lt)).last_hidden_state
-        rows = torch.tensor([r for r, ps in enumerate(b.answer_pos) for _ in ps])
-        cols = torch.tensor([P + M + p for ps in b.answer_pos for p in ps])
-        logits = self.model.lm_head(hidden[rows, cols])
-        answers = torch.tensor([a for ans in b.answers for a in ans])
-        return logits, answers, [q for qs in b.qtypes for q in qs]
-
-    def aux_loss(self, visual: torch.Tensor, b: Batch) -> torch.Tensor:
-        logp = F.log_softmax(self.model.lm_head(self.lm.norm(visual)), dim=-1)
-        return -(self.aux_target(b) * logp).sum(-1).mean()
-
-
-def evaluate(stage: Stage2, batches: list[Batch]) -> tuple[float, dict[str, float]]:
-    hits: dict[str, list[bool]] = {}
-    with torch.no_grad():
-        for b in batches:
-            states = tower_states(stage.model, b.pixels, len(b.texts))
-            logits, _, answers, qtypes = stage.forward(b, states, 1.0, None)
-            for q, ok in zip(qtypes, (logits.argmax(-1) == answers).tolist()):
-                hits.setdefault(q, []).append(ok)
-    per = {q: sum(v) / len(v) for q, v in sorted(hits.items())}
-    return sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values()), per
-
-
-def similarity_init(model: Any, layers: int, scale: float, seed: int) -> None:
-    """Warm-start the query/key maps (biases zeroed) of the first `layers` decoder layers as one shared
-    random projection (keys = P, queries = scale * P) onto each head's slow rotary dims.
-
-    Such a head attends from a word to the visual tokens whose aux-trained embedding contains it, at any
-    distance. Generic, trained freely afterwards; the demo needed it for the question-to-image binding
-    to form within a CPU budget (docs/demo-model.md), and so does this model (docs/second-model.md).
-    """
-    cfg = model.config.text_config
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    groups = cfg.num_attention_heads // cfg.num_key_value_heads
-    low = torch.tensor([i for i in range(hd) if i % (hd // 2) >= hd // 4])
-    gen = torch.Generator().manual_seed(seed)
-    for layer in model.model.language_model.layers[:layers]:
-        attn = layer.self_attn
-        with torch.no_grad():
-            for lin in (attn.q_proj, attn.k_proj):
-                if lin.bias is not None:
-                    lin.bias.zero_()
-            for kv in range(cfg.num_key_value_heads):
-                proj = torch.linalg.qr(torch.randn(cfg.hidden_size, low.numel(), generator=gen))[0].T
-                attn.k_proj.weight[kv * hd:(kv + 1) * hd] = 0.0
-                attn.k_proj.weight[kv * hd + low] = proj
-                for h in range(kv * groups, (kv + 1) * groups):
-                    attn.q_proj.weight[h * hd:(h + 1) * hd] = 0.0
-                    attn.q_proj.weight[h * hd + low] = scale * proj
-
 
 def train_decoder(model: Any, vocab: Vocab, args: argparse.Namespace, log: Callable[[str], None]) -> float:
     """Stage 2; restores the parameters of the best full-sequence calib evaluation at the end."""
     stage = Stage2(model, vocab)
-    if args.similarity_layers:
-        similarity_init(model, args.similarity_layers, args.similarity_scale, args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warm, total = args.warmup, args.steps
-
-    def lr_at(step: int) -> float:
-        if step <= warm:
-            return args.lr * step / warm
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm))))
-
     calib = eval_batches(vocab, "calib", args.calib_questions, args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    weights = np.array(args.type_weights, dtype=np.float64) / sum(args.type_weights)
-    best, best_state, t0 = -1.0, None, time.time()
     start = args.vision_steps * args.vision_batch  # fresh training images after stage 1
-    for step in range(1, total + 1):
-        progress = step / total
-        hi = min(world.MAX_TARGETS, 1 + round((world.MAX_TARGETS - 1) * progress / args.targets_until))
-        n_targets = (max(1, min(world.MIN_TARGETS, hi - 2)), hi)
-        b = make_batch(vocab, "train", args.seed, start + (step - 1) * args.batch, args.batch, args.turns,
-                       n_targets, weights)
-        with torch.no_grad():
-            states = tower_states(model, b.pixels, args.batch)
-        keep = min(1.0, args.keep_start + (1 - args.keep_start) * progress / args.keep_until)
-        logits, visual, answers, _ = stage.forward(b, states, keep, gen)
-        loss_qa = F.cross_entropy(logits, answers)
-        loss_aux = stage.aux_loss(visual, b)
-        loss = loss_qa + args.aux_weight * loss_aux
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 25 == 0:
-            log(f"[decoder] step {step} qa {loss_qa.item():.4f} aux {loss_aux.item():.4f} keep {keep:.2f} "
-                f"targets {n_targets} ({time.time() - t0:.0f}s)")
-        if step % args.eval_every == 0 or step == total:
-            acc, per = evaluate(stage, calib)
-            log(f"[decoder] step {step} calib acc {acc:.4f} " + " ".join(f"{q} {v:.3f}" for q, v in per.items()))
-            if keep >= 1.0 and acc > best:
-                best, best_state = acc, copy.deepcopy(model.state_dict())
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    log(f"[decoder] kept best calib acc {best:.4f}")
-    return best
+
+    def train_batch(step: int, n_targets: tuple[int, int], weights: np.ndarray) -> Batch:
+        return make_batch(vocab, "train", args.seed, start + (step - 1) * args.batch, args.batch, args.turns,
+                          n_targets, weights)
+
+    return common.train_decoder(
+        stage, params, calib, train_batch,
+        lambda progress: common.curriculum(progress, world.MIN_TARGETS, world.MAX_TARGETS, args.targets_until, 2),
+        args, log, "targets", sort_types=True)
 
 
 # -- output --------------------------------------------------------------------------------------------------
@@ -504,19 +358,15 @@ def write_jsonl(folder: pathlib.Path, split: str, n: int, seed: int) -> None:
 
 def save(model: Any, processor: Any, out: pathlib.Path, args: argparse.Namespace, log_lines: list[str]) -> None:
     """Write to a temp dir next to `out`, then swap it in, so `out` is never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".second-", dir=out.parent))
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    write_jsonl(tmp, "calib", args.calib_images, args.seed)
-    write_jsonl(tmp, "eval", args.eval_images, args.seed)
-    (tmp / "train_log.txt").write_text("\n".join(log_lines) + "\n")
-    tmp.chmod(0o755)
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def write(tmp: pathlib.Path) -> None:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_jsonl(tmp, "calib", args.calib_images, args.seed)
+        write_jsonl(tmp, "eval", args.eval_images, args.seed)
+        (tmp / "train_log.txt").write_text("\n".join(log_lines) + "\n")
+
+    common.save_swapped(out, ".second-", write)
 
 
 def evaluate_checkpoint(folder: pathlib.Path, n: int, drops: tuple[float, ...], seed: int = 0) -> dict[str, Any]:
@@ -558,18 +408,7 @@ def evaluate_checkpoint(folder: pathlib.Path, n: int, drops: tuple[float, ...], 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads; weights depend on it")
-    ap.add_argument("--vision-steps", type=int, default=250)
-    ap.add_argument("--vision-batch", type=int, default=24)
-    ap.add_argument("--vision-lr", type=float, default=3e-3)
-    ap.add_argument("--steps", type=int, default=1400, help="stage-2 steps")
-    ap.add_argument("--batch", type=int, default=24)
-    ap.add_argument("--turns", type=int, default=8, help="QA turns per image in a training sequence")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--aux-weight", type=float, default=1.0)
+    common.add_training_args(ap, DEFAULT_OUT, vision_steps=250, vision_batch=24, steps=1400)
     ap.add_argument("--targets-until", type=float, default=0.3,
                     help="fraction of stage 2 over which scenes grow from 1 target to the full 4-6")
     ap.add_argument("--keep-start", type=float, default=0.0, help="share of blank cells' tokens kept at step 0")
@@ -590,20 +429,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
+    common.setup_torch(args.threads, args.seed)
     if args.evaluate_only:
         report = evaluate_checkpoint(args.out, args.eval_n, (0.25, 0.5), args.seed)
         print(json.dumps(report, indent=2))
         return
     t0 = time.time()
     lines: list[str] = []
-
-    def log(msg: str) -> None:
-        line = f"{time.time() - t0:7.1f}s {msg}"
-        lines.append(line)
-        print(line, flush=True)
+    log = common.make_log(t0, lines)
 
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
@@ -612,13 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     check_layout(vocab, processor, model)
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,}; {NV} visual tokens; "
         f"threads {args.threads}; seed {args.seed}")
-    model.train()
-    train_vision(model, vocab, args, log)
-    model.model.visual.eval()
-    train_decoder(model, vocab, args, log)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
+    common.run_stages(model, model.model.visual, lambda: train_vision(model, vocab, args, log),
+                      lambda: train_decoder(model, vocab, args, log))
     log(f"training wall time {time.time() - t0:.0f}s")
     save(model, processor, args.out, args, lines)
     print(f"saved {args.out} ({time.time() - t0:.0f}s)", flush=True)

@@ -1,17 +1,20 @@
 """The default search (methods/auto.py): candidates, validation pick, time bound, rules inside the BO."""
 import pytest
-import torch
 
 from recipe_search.budget import parse_budget
 from recipe_search.calibration import demo_samples
 from recipe_search.flops import CostModel
 from recipe_search.methods import auto, psigmoid
 from recipe_search.methods.objective import KL_TIE_BREAK, ScheduleScorer
-from recipe_search.methods.optimizers import OptunaBackend, SkoptBackend, default_storage
+from recipe_search.methods.optimizers import (
+    OptunaBackend,
+    SkoptBackend,
+    default_storage,
+)
 from recipe_search.pipeline import LoadedModel, SearchOptions, search_recipes
 from recipe_search.runtime import make_rule
-from recipe_search.runtime.selection import RULES
 from recipe_search.runtime.apply import plan_from_recipe
+from recipe_search.runtime.selection import RULES
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def test_fixed_schedules_meet_the_budget_and_differ(loaded, searched, costs):
 
 
 def test_winner_is_the_best_validated_candidate_and_recorded(loaded, searched):
-    data, outcome = searched
+    _, outcome = searched
     for recipe in outcome.recipes:
         assert recipe.method.name == "auto"
         result = recipe.method.result

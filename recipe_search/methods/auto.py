@@ -19,8 +19,9 @@ short `time_budget` still ends with a sound recipe; the table of runners-up goes
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..budget import Budget
 from ..flops import CostModel
