@@ -77,8 +77,8 @@ def _search_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default=None,
                    help="selection rule: attention, fitprune, random, ficoco-l, dart (in the LLM) or ficoco-v, "
                         "freepruner (freePruner-style) (in the vision tower: the schedule's first cut happens "
-                        "before the LLM). auto and psigmoid then search with this rule only; other methods "
-                        "get it in place of their own. Default: auto and psigmoid try every rule; recorded")
+                        "before the LLM). auto, gsearch and psigmoid then search with this rule only; other "
+                        "methods get it in place of their own. Default: auto and psigmoid try every rule; recorded")
     p.add_argument("--images", default="per-image", choices=["per-image", "pooled"],
                    help="prompts with several images (or video frames): each image keeps its share of every "
                         "layer's count (per-image, default) or all compete for one pool (pooled); recorded")
@@ -98,7 +98,8 @@ def _search_parser() -> argparse.ArgumentParser:
                    help="FLOPs formula a percentage budget is measured with (default: full)")
     p.add_argument("--start-layer", type=int, default=None,
                    help="first decoder layer that may drop tokens (default: 0 for fitprune and uniform, 2 for "
-                        "fastv and gsearch, 2 for psigmoid or 1 when the budget needs it)")
+                        "fastv and gsearch; psigmoid and auto's BO choose among layers 0-2 from which the budget "
+                        "can be met, and fix it when given)")
     g = p.add_argument_group("auto / gsearch / psigmoid (score schedules on what the model answers)")
     g.add_argument("--time-budget", type=float, default=600.0,
                    help="auto: seconds for the whole search over every budget (default: 600; the demo at three "

@@ -35,7 +35,7 @@ def register_method(method: Method) -> Method:
     return METHODS.register(method.name, method)
 
 
-register_method(Method("auto", "default: every schedule and rule below scored on the model's answers, "
+register_method(Method("auto", "the default; every schedule and rule below, scored on the model's answers and "
                        "picked on held-out samples (--time-budget)", 0, on_outputs=True))
 register_method(Method("fitprune", "FitPrune (attention statistics, bisection to the budget)", 0,
                        run=search_fitprune))
