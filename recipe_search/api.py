@@ -100,8 +100,9 @@ def search(model: Any, data: Any, budget: str | float | Sequence[str | float] | 
     from .pipeline import SearchOptions, search_recipes
 
     method = method or DEFAULT_METHOD
-    num_samples = num_samples or (128 if method == "auto" else 64)  # auto keeps every other one for validation
-    budgetless = METHODS.get(method).budgetless
+    spec = METHODS.get(method)
+    num_samples = spec.calibration_samples if num_samples is None else num_samples
+    budgetless = spec.budgetless
     known = {f.name for f in dataclasses.fields(SearchOptions)}
     unknown = sorted(set(options) - known)
     if unknown:

@@ -387,7 +387,9 @@ def _run_search(argv: Sequence[str]) -> int:
     else:  # validate before any heavy import or loading
         budgets = parse_budgets("50%" if args.budget is None else args.budget, args.formula)
     if args.num_samples is None:
-        args.num_samples = 128 if args.method == "auto" else 64
+        from .methods import METHODS
+
+        args.num_samples = METHODS[args.method].calibration_samples
     _check_positive(num_samples=args.num_samples, eval_samples=args.eval_samples, batch_size=args.batch_size,
                     n_trials=args.n_trials, n_workers=args.n_workers)
     if not args.time_budget > 0:

@@ -20,7 +20,7 @@ from .recipe.schema import CalibrationRecord, Recipe
 from .runtime.selection import make_rule
 from .methods import METHODS, SearchResult
 from .methods import auto, gsearch, psigmoid
-from .methods.objective import ScheduleScorer
+from .methods.objective import Evaluation, ScheduleScorer
 from .methods.optimizers import default_storage, make_backend, optimizer_name
 from .recipe.rules import with_rule
 from .stats import CalibrationStats
@@ -241,19 +241,20 @@ def _auto(loaded: LoadedModel, stats: CalibrationStats, scorer: ScheduleScorer, 
                                      deadline=t0 + share * 0.85, resume=True, validation=validation)
         except (ValueError, psigmoid.InfeasibleBudgetError):
             found_bo = None  # no sigmoid fits the budget, or no trial finished in time: the grid decides
-        if found_bo is not None:
+        if found_bo is not None:  # its trial already scored it on the search samples
             name = found_bo.result["rule"]  # the candidate's name: a registered rule or a variant
             plan = scorer.rule_plan(found_bo.counts, name)
-            bo.append(auto.Candidate(f"P-Sigmoid (BO, start {found_bo.params['start_layer']})", plan, name,
-                                     scorer.evaluate_plan(plan), costs.fraction(plan.counts, "full")))
-        ranked = auto.pick(grid + bo, validation, costs)
+            got = Evaluation(*(found_bo.result[k] for k in ("value", "agreement", "kl", "accuracy")))
+            bo.append(auto.Candidate(f"P-Sigmoid (BO, start {found_bo.params['start_layer']})", plan, name, got,
+                                     costs.fraction(plan.counts, "full")))
+        ranked = auto.pick(grid + bo, validation)
         params = {"time_budget": options.time_budget, "rules": list(rules), "metric": scorer.metric,
                   "search_set": search_set.source, "search_samples": len(search_set),
                   "validation_samples": len(validation_set), "n_trials": options.n_trials,
                   "optimizer": optimizer_name(options.optimizer), "seed": options.seed,
                   "start_layer": int(next((j for j, c in enumerate(ranked[0].plan.counts) if c < costs.visual_tokens),
                                           layers))}
-        out.append((budget, auto.as_result(ranked, len(grid) + len(bo), budget, params, time.monotonic() - t0)))
+        out.append((budget, auto.as_result(ranked, len(grid) + len(bo), params, time.monotonic() - t0)))
         bar.update(1)
     bar.close()
     return out
@@ -266,8 +267,8 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
                    rule: str | None = None) -> SearchOutcome:
     """One calibration pass (or cache hit), then one search and one recipe per budget.
 
-    `rule` names a selection rule: the only one `auto` and P-Sigmoid search with, and the one that
-    replaces the method's own in every other method's recipes (recipe/rules.py).
+    `rule` names a selection rule: the only one auto, G-Search and P-Sigmoid search with, and the one
+    that replaces the method's own in every other method's recipes (recipe/rules.py).
 
     `budgets` is ignored (one recipe) for budgetless methods. Methods that score on model outputs
     (auto, G-Search, P-Sigmoid) score on a search part and check on a validation part whose answers

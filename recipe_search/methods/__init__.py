@@ -25,6 +25,7 @@ class Method:
     run: Callable[..., SearchResult] | None = None  # statistics-based methods only
     on_outputs: bool = False       # scores schedules on what the model answers (needs a scorer)
     budgetless: bool = False       # finds its own cost: takes no budget
+    calibration_samples: int = 64  # default --num-samples
 
 
 METHODS: Registry[Method] = Registry("search method")
@@ -36,7 +37,8 @@ def register_method(method: Method) -> Method:
 
 
 register_method(Method("auto", "the default; every schedule and rule below, scored on the model's answers and "
-                       "picked on held-out samples (--time-budget)", 0, on_outputs=True))
+                       "picked on held-out samples (--time-budget)", 0, on_outputs=True,
+                       calibration_samples=128))  # every other sample is kept for validation
 register_method(Method("fitprune", "FitPrune (attention statistics, bisection to the budget)", 0,
                        run=search_fitprune))
 register_method(Method("gsearch", "G-Search (greedy, least cost without loss on model outputs; no budget)", 2,

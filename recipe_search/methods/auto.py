@@ -19,7 +19,7 @@ short `time_budget` still ends with a sound recipe; the table of runners-up goes
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from ..budget import Budget
 from ..flops import CostModel
 from ..runtime.plan import PruningPlan, schedule_from_drops
 from ..stats import CalibrationStats
-from .baselines import search_uniform
+from .baselines import largest_feasible, search_uniform
 from .fitprune import InfeasibleBudgetError, SearchResult, search_fitprune
 from .objective import Evaluation, ScheduleScorer
 
@@ -106,10 +106,12 @@ def fixed_schedules(stats: CalibrationStats, budget: Budget, costs: CostModel,
     # late layers often no longer read the image (G-Search finds the last ones lossless at 0): the
     # same count from layer 0, none from layer d on, spends their share on the early layers
     for last in range(max(1, stats.num_layers - 2), stats.num_layers):
-        counts = _largest_count(lambda k, d=last: schedule_from_drops(stats.num_layers, costs.visual_tokens,
-                                                                      {0: k, d: 0}), budget, costs)
-        if counts is not None:
-            out.append((f"uniform, none from layer {last}", counts))
+        name = f"uniform, none from layer {last}"
+        try:
+            out.append((name, largest_feasible(lambda k, d=last: schedule_from_drops(
+                stats.num_layers, costs.visual_tokens, {0: k, d: 0}), budget, costs, name)))
+        except InfeasibleBudgetError:
+            pass
     if gsearch_shape is not None:
         scaled = scaled_schedule(gsearch_shape, costs.visual_tokens, budget, costs)
         if scaled is not None:
@@ -123,17 +125,6 @@ def fixed_schedules(stats: CalibrationStats, budget: Budget, costs: CostModel,
     return unique
 
 
-def _largest_count(make: Callable[[int], tuple[int, ...]], budget: Budget, costs: CostModel) -> tuple[int, ...] | None:
-    """make(k) for the largest k in [0, N] that meets the budget (make is monotone in k), or None."""
-    lo, hi = 0, costs.visual_tokens
-    if not budget.is_met(make(lo), costs):
-        return None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if budget.is_met(make(mid), costs) else (lo, mid - 1)
-    return make(lo)
-
-
 def rule_order(names: Sequence[str]) -> list[str]:
     """Candidate rules: the preferred ones first, any other registered rule after, baselines never."""
     ordered = [r for r in PREFERRED_RULES if r in names]
@@ -141,8 +132,7 @@ def rule_order(names: Sequence[str]) -> list[str]:
 
 
 def score_grid(scorer: ScheduleScorer, schedules: Sequence[tuple[str, tuple[int, ...]]], rules: Sequence[str],
-               costs: CostModel, deadline: float, on_candidate: Callable[[Candidate], None] | None = None
-               ) -> list[Candidate]:
+               costs: CostModel, deadline: float) -> list[Candidate]:
     """Every (schedule, rule) pair scored on the search set, rule-major so each schedule gets its
     best-known rules before the clock runs out; the first pair always runs."""
     out: list[Candidate] = []
@@ -151,15 +141,11 @@ def score_grid(scorer: ScheduleScorer, schedules: Sequence[tuple[str, tuple[int,
             if out and time.monotonic() > deadline:
                 return out
             plan = scorer.rule_plan(counts, rule)
-            cand = Candidate(name, plan, rule, scorer.evaluate_plan(plan), costs.fraction(plan.counts, "full"))
-            out.append(cand)
-            if on_candidate:
-                on_candidate(cand)
+            out.append(Candidate(name, plan, rule, scorer.evaluate_plan(plan), costs.fraction(plan.counts, "full")))
     return out
 
 
-def pick(candidates: Sequence[Candidate], validation: ScheduleScorer, costs: CostModel,
-         shortlist: int = SHORTLIST) -> list[Candidate]:
+def pick(candidates: Sequence[Candidate], validation: ScheduleScorer, shortlist: int = SHORTLIST) -> list[Candidate]:
     """The best `shortlist` distinct plans by search score, re-scored on the validation samples,
     sorted best first (the winner is element 0)."""
     ranked = sorted(candidates, key=lambda c: (c.search.objective, -c.flops), reverse=True)
@@ -177,8 +163,8 @@ def pick(candidates: Sequence[Candidate], validation: ScheduleScorer, costs: Cos
     return sorted(chosen, key=Candidate.key, reverse=True)
 
 
-def as_result(ranked: Sequence[Candidate], unranked: int, budget: Budget, params: dict[str, Any],
-              seconds: float, runners_up: int = 10) -> SearchResult:
+def as_result(ranked: Sequence[Candidate], unranked: int, params: dict[str, Any], seconds: float,
+              runners_up: int = 10) -> SearchResult:
     """The winner as a search result; the recipe records it with the table of runners-up."""
     win = ranked[0]
     assert win.validation is not None

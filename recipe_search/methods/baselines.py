@@ -17,8 +17,8 @@ from ..stats import CalibrationStats
 from .fitprune import InfeasibleBudgetError, SearchResult
 
 
-def _largest_feasible(make: Callable[[int], tuple[int, ...]], budget: Budget, costs: CostModel,
-                      what: str) -> tuple[int, ...]:
+def largest_feasible(make: Callable[[int], tuple[int, ...]], budget: Budget, costs: CostModel,
+                     what: str) -> tuple[int, ...]:
     """The schedule make(k) with the largest k in [0, N] that meets the budget (make is monotone in k)."""
     lo, hi = 0, costs.visual_tokens
     if not budget.is_met(make(lo), costs):
@@ -34,7 +34,7 @@ def _single_drop(stats: CalibrationStats, budget: Budget, costs: CostModel, laye
                  rule: str, rule_params: dict, score_layer: str) -> SearchResult:
     started = time.perf_counter()
     layers, n = stats.num_layers, stats.visual_tokens
-    counts = _largest_feasible(lambda k: schedule_from_drops(layers, n, {layer: k}), budget, costs,
+    counts = largest_feasible(lambda k: schedule_from_drops(layers, n, {layer: k}), budget, costs,
                                f"{method}: one drop at layer {layer}")
     return SearchResult(counts, method, {"drop_layer": layer}, rule, rule_params, score_layer,
                         {"kept": counts[-1]}, time.perf_counter() - started)

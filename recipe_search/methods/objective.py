@@ -25,6 +25,7 @@ from ..runtime.plan import PruningPlan, pre_llm_counts
 from ..runtime.selection import RULES, SelectionRule, make_rule
 
 METRICS = ("agreement", "accuracy")
+KL_TIE_BREAK = 1e-3  # objective = metric - KL_TIE_BREAK * KL: KL only orders equal metrics
 
 #: Rules the searches also try under a name of their own: a registered rule with other parameters.
 #: The attention rule reading the question's tokens instead of the last prompt token (docs/rules.md).
@@ -35,7 +36,6 @@ def candidate_rule(name: str) -> SelectionRule:
     """A registered rule, or a variant of one (`VARIANTS`)."""
     base, params = VARIANTS.get(name, (name, {}))
     return make_rule(base, params)
-KL_TIE_BREAK = 1e-3  # objective = metric - KL_TIE_BREAK * KL: KL only orders equal metrics
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class ScheduleScorer:
             self._cached_bytes -= old.numel() * old.element_size()
 
     def plan(self, counts: tuple[int, ...], rule: SelectionRule | None = None, score_layer: str | None = None,
-             vision: SelectionRule | None = None, vision_layer: int | None = None) -> PruningPlan:
+             vision: SelectionRule | None = None) -> PruningPlan:
         """The runtime plan of `counts` under a rule (default: the scorer's own, at its score layer; another
         rule scores at the same layer unless told) and an optional pre-LLM stage."""
         llm_rule = rule or self.rule
@@ -120,7 +120,7 @@ class ScheduleScorer:
             llm_rule = make_rule("fitprune")  # a pre-LLM stage needs a rule for later drops: the default one
         own = rule is None and vision is None
         return PruningPlan(counts, self.visual_tokens, llm_rule, score_layer or (self.score_layer if own else "same"),
-                           vision=vision, vision_layer=vision_layer, images=self.images)
+                           vision=vision, images=self.images)
 
     def rule_plan(self, counts: tuple[int, ...] | list[int], name: str) -> PruningPlan:
         """`counts` selected by the registered rule `name` where that rule reads: the attention rule the
@@ -183,12 +183,10 @@ class ScheduleScorer:
         finally:
             handle.remove()
 
-    def evaluate(self, counts: tuple[int, ...] | list[int], rule: SelectionRule | None = None,
-                 score_layer: str | None = None, vision: SelectionRule | None = None,
-                 vision_layer: int | None = None) -> Evaluation:
-        """Agreement, KL and (with answers) accuracy of the pruned model under `counts`, selected by
-        `rule` (default: the scorer's) after an optional pre-LLM stage `vision`."""
-        return self.evaluate_plan(self.plan(tuple(int(c) for c in counts), rule, score_layer, vision, vision_layer))
+    def evaluate(self, counts: tuple[int, ...] | list[int]) -> Evaluation:
+        """Agreement, KL and (with answers) accuracy of the pruned model under `counts`, selected by the
+        scorer's own rule (`evaluate_plan` for any other plan)."""
+        return self.evaluate_plan(self.plan(tuple(int(c) for c in counts)))
 
     def evaluate_plan(self, plan: PruningPlan) -> Evaluation:
         """`evaluate` for a ready plan."""

@@ -25,7 +25,7 @@ from ..budget import Budget
 from ..flops import CostModel
 from .fitprune import InfeasibleBudgetError, SearchResult
 from .gsearch import RULE
-from .objective import ScheduleScorer
+from .objective import Evaluation, ScheduleScorer
 from .optimizers import Backend, Space, TrialLost
 
 SLOPE_RANGE = (0.1, 3.0)
@@ -234,24 +234,25 @@ def best_result(run: PSigmoidRun, seconds: float, params: dict[str, Any],
               and run.budget.is_met(tuple(t.attrs["counts"]), run.costs)]
     if not trials:
         raise ValueError(f"no P-Sigmoid trial met the budget {run.budget.text}; widen the budget or lower --start-layer")
+    def key(t: Any) -> tuple:
+        return tuple(t.attrs["counts"]), t.attrs["rule"]
+
     ranked = sorted(trials, key=lambda t: (t.value, -t.attrs["flops_full"]), reverse=True)
-    checked: dict[tuple, float] = {}
+    checked: dict[tuple, Evaluation] = {}
     if validation is not None:
         for t in ranked:
-            key = (tuple(t.attrs["counts"]), t.attrs["rule"])
-            if key not in checked:
-                checked[key] = validation.evaluate_plan(run.scorer.rule_plan(t.attrs["counts"], t.attrs["rule"])).objective
+            if key(t) not in checked:
+                checked[key(t)] = validation.evaluate_plan(run.scorer.rule_plan(t.attrs["counts"], t.attrs["rule"]))
             if len(checked) == VALIDATED_TRIALS:
                 break
-        ranked = sorted(ranked,
-                        key=lambda t: (checked.get((tuple(t.attrs["counts"]), t.attrs["rule"]), float("-inf")),
-                                       t.value, -t.attrs["flops_full"]), reverse=True)
+        ranked = sorted(ranked, key=lambda t: (checked[key(t)].objective if key(t) in checked else float("-inf"),
+                                               t.value, -t.attrs["flops_full"]), reverse=True)
     best = ranked[0]
     counts = tuple(best.attrs["counts"])
     assert run.budget.is_met(counts, run.costs), "P-Sigmoid kept a schedule over budget"
     picked: dict[str, Any] = {}
     if validation is not None:
-        ev = validation.evaluate_plan(run.scorer.rule_plan(counts, best.attrs["rule"]))
+        ev = checked[key(best)]
         picked = {"validation_value": ev.value, "validation_agreement": ev.agreement,
                   "validation_samples": len(validation.data), "validated_trials": len(checked)}
     vision = best.attrs.get("vision_rule")
@@ -261,7 +262,7 @@ def best_result(run: PSigmoidRun, seconds: float, params: dict[str, Any],
         rule, dict(best.attrs["rule_params"]), best.attrs["score_layer"],
         {"best_trial": best.number, "rule": best.attrs["rule"], "slope": best.params["slope"],
          "midpoint": best.attrs["midpoint_used"], "floor": best.attrs["floor"], "value": best.attrs["value"],
-         "agreement": best.attrs["agreement"], "kl": best.attrs["kl"], **picked,
+         "agreement": best.attrs["agreement"], "kl": best.attrs["kl"], "accuracy": best.attrs["accuracy"], **picked,
          "trials": len(run.backend.finished()), "feasible_trials": len(trials),
          "history": [{"trial": t.number, "objective": t.value, "feasible": bool(t.attrs.get("feasible")),
                       "worker": t.attrs.get("worker", "")} for t in sorted(run.backend.finished(),

@@ -77,7 +77,6 @@ def schedule_from_drops(num_layers: int, visual_tokens: int, drops: dict[int, in
     return tuple(counts)
 
 
-
 def pre_llm_counts(counts: tuple[int, ...] | list[int], visual_tokens: int) -> tuple[int, ...]:
     """`counts` with the first cut moved before the LLM, for a vision-side rule: the layers before the
     first reduced count get it too, which only lowers the cost, so a budget the schedule met still holds."""
