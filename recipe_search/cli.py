@@ -104,6 +104,10 @@ def _search_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-budget", type=float, default=600.0,
                    help="auto: seconds for the whole search over every budget (default: 600; the demo at three "
                         "budgets needs about two minutes); the best recipe found in time is written")
+    g.add_argument("--merge-threshold", type=_merge_threshold, default=0.9, metavar="COSINE|off",
+                   help="auto: also try its best candidates with every dropped token whose cosine similarity to a "
+                        "survivor reaches this merged into it, attention weighing merged tokens by how many they "
+                        "stand for (default: 0.9; 'off': plain dropping only); the winner's value is recorded")
     g.add_argument("--search-set", default=None,
                    help="samples the schedules are scored on: 'demo', .jsonl or dataset folder (default: the "
                         "calibration samples); for auto, the validation samples that pick the winner")
@@ -194,6 +198,13 @@ def _config_value(path: str, key: str, action: argparse.Action, value: Any) -> A
     if value is None:
         return None
     kind = action.type or str
+    if kind not in (int, float, str):  # an option with its own parser: give it the text a command line would
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"--config {path}: {key} must be a number or a word, not {value!r}")
+        try:
+            return kind(str(value))
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--config {path}: {key}: {exc}") from None
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"--config {path}: {key} must be an integer, not {value!r}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -320,7 +331,9 @@ class _Session:
         found = ", ".join(f"{k} {v:.4g}" for k, v in recipe.method.result.items() if isinstance(v, (int, float)))
         start = recipe.method.params.get("start_layer", recipe.method.params.get("drop_layer"))
         print(f"  search: {recipe.method.name}, pruning from layer {start} ({found}); selection rule "
-              f"{recipe.selection.rule}, scored at the {recipe.selection.score_layer} layer")
+              f"{recipe.selection.rule}, scored at the {recipe.selection.score_layer} layer"
+              + (f"; dropped tokens with cosine >= {recipe.selection.merge_threshold:g} to a survivor merge into it"
+                 if recipe.selection.merge_threshold is not None else ""))
         if recipe.method.name == "auto":
             _print_candidates(recipe.method.result)
         if recipe.vision is not None:
@@ -428,6 +441,7 @@ def _run_search(argv: Sequence[str]) -> int:
             n_trials=args.n_trials, n_startup=args.n_startup, seed=args.seed, storage=args.storage,
             resume=args.resume, n_workers=args.n_workers, warm_start=warm_start, work_dir=out,
             batch_size=args.batch_size, images=args.images, progress=bar.update, time_budget=args.time_budget,
+            merge_threshold=args.merge_threshold,
         )
         outcome = search_recipes(loaded, calib, budgets, method=args.method, options=options, search_set=search_set,
                                  model_source=session.source, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
@@ -460,14 +474,30 @@ def _run_search(argv: Sequence[str]) -> int:
     return 0
 
 
+def _merge_threshold(text: str) -> float | None:
+    """--merge-threshold: a cosine similarity in (0, 1], or 'off'."""
+    if text.strip().lower() == "off":
+        return None
+    from .runtime.plan import check_merge_threshold
+
+    try:
+        return check_merge_threshold(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a cosine similarity in (0, 1] or 'off', got {text!r}") from None
+
+
+def _rule_label(row: dict[str, Any]) -> str:
+    return row["rule"] + ("+merge" if row.get("merge_threshold") is not None else "")
+
+
 def _print_candidates(result: dict[str, Any]) -> None:
     """The default search's winner and runners-up, as the recipe records them."""
     rows = [result["winner"], *result["runners_up"]]
-    print(f"  winner of {result['candidates_scored']} candidates: {rows[0]['schedule']} with the {rows[0]['rule']} "
+    print(f"  winner of {result['candidates_scored']} candidates: {rows[0]['schedule']} with the {_rule_label(rows[0])} "
           "rule (search = samples the schedules were scored on, validation = samples that only picked)")
-    print(f"    {'schedule':<28} {'rule':<14} {'FLOPs':>6} {'search agree':>12} {'valid. agree':>12} {'valid. metric':>13}")
+    print(f"    {'schedule':<28} {'rule':<20} {'FLOPs':>6} {'search agree':>12} {'valid. agree':>12} {'valid. metric':>13}")
     for row in rows:
-        print(f"    {row['schedule']:<28} {row['rule']:<14} {row['flops_full']:>6.1%} {row['search_agreement']:>12.1%} "
+        print(f"    {row['schedule']:<28} {_rule_label(row):<20} {row['flops_full']:>6.1%} {row['search_agreement']:>12.1%} "
               f"{row.get('validation_agreement', float('nan')):>12.1%} {row.get('validation_value', float('nan')):>13.1%}")
 
 

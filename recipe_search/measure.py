@@ -5,6 +5,7 @@ The one place that measures a recipe, used by `search-recipe` reports, `search-r
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from dataclasses import dataclass
@@ -43,6 +44,22 @@ def _kv_bytes(cache: Any) -> int:
     return total
 
 
+def _filled_cache(output: Any) -> Any:
+    """The KV cache a forward returned: `cache` from transformers 5.24 on, `past_key_values` before."""
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else output.past_key_values
+
+
+def _release_freed() -> None:
+    """Hand the memory earlier work freed back to the OS (glibc's malloc_trim), so the resident set
+    grows again when a prefill allocates: otherwise a prefill measured after a bigger one reuses
+    its freed pages unseen and reports no growth at all. A no-op where glibc is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -53,7 +70,8 @@ def prefill_memory(loaded: Any, data: Any, plan: PruningPlan | None) -> tuple[in
     """(KV-cache bytes, peak bytes above the start) of one cached prefill of `data` as one batch.
 
     The peak is the CUDA allocator's on a GPU; on a CPU it is the resident set sampled every
-    millisecond by a thread (Linux /proc), which sees what the allocator really asked of the OS.
+    millisecond by a thread (Linux /proc), which sees what the allocator really asked of the OS,
+    after freed memory was handed back (`_release_freed`).
     """
     from .runtime import PruningHandle
 
@@ -66,9 +84,10 @@ def prefill_memory(loaded: Any, data: Any, plan: PruningPlan | None) -> tuple[in
             torch.cuda.reset_peak_memory_stats(device)
             start = torch.cuda.memory_allocated(device)
             out = loaded.model(**inputs, use_cache=True, logits_to_keep=1)
-            return _kv_bytes(out.past_key_values), torch.cuda.max_memory_allocated(device) - start
+            return _kv_bytes(_filled_cache(out)), torch.cuda.max_memory_allocated(device) - start
         if not os.path.exists("/proc/self/statm"):
-            return _kv_bytes(loaded.model(**inputs, use_cache=True, logits_to_keep=1).past_key_values), None
+            return _kv_bytes(_filled_cache(loaded.model(**inputs, use_cache=True, logits_to_keep=1))), None
+        _release_freed()
         start, peak, done = _rss(), [0], threading.Event()
 
         def sample() -> None:
@@ -83,7 +102,7 @@ def prefill_memory(loaded: Any, data: Any, plan: PruningPlan | None) -> tuple[in
         finally:
             done.set()
             watcher.join()
-        return _kv_bytes(out.past_key_values), max(0, max(peak[0], _rss()) - start)
+        return _kv_bytes(_filled_cache(out)), max(0, max(peak[0], _rss()) - start)
     finally:
         if handle is not None:
             handle.remove()

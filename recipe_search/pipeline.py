@@ -59,6 +59,7 @@ class SearchOptions:
     images: str = "per-image"           # how several images in one prompt share the schedule
     time_budget: float = 600.0          # auto: seconds for the whole search, over every budget
     validation_share: float = 0.5       # auto: share of the calibration samples kept for picking only
+    merge_threshold: float | None = auto.MERGE_THRESHOLD  # auto: tried beside plain dropping (None: never merge)
     progress: Callable[[int, dict[str, Any]], None] | None = field(default=None, compare=False)
 
 
@@ -247,14 +248,17 @@ def _auto(loaded: LoadedModel, stats: CalibrationStats, scorer: ScheduleScorer, 
             got = Evaluation(*(found_bo.result[k] for k in ("value", "agreement", "kl", "accuracy")))
             bo.append(auto.Candidate(f"P-Sigmoid (BO, start {found_bo.params['start_layer']})", plan, name, got,
                                      costs.fraction(plan.counts, "full")))
-        ranked = auto.pick(grid + bo, validation)
+        merged = ([] if options.merge_threshold is None else
+                  auto.with_merging(scorer, grid + bo, options.merge_threshold, t0 + share * 0.95))
+        ranked = auto.pick(grid + bo + merged, len(search_set), validation)
         params = {"time_budget": options.time_budget, "rules": list(rules), "metric": scorer.metric,
                   "search_set": search_set.source, "search_samples": len(search_set),
                   "validation_samples": len(validation_set), "n_trials": options.n_trials,
                   "optimizer": optimizer_name(options.optimizer), "seed": options.seed,
                   "start_layer": int(next((j for j, c in enumerate(ranked[0].plan.counts) if c < costs.visual_tokens),
                                           layers))}
-        out.append((budget, auto.as_result(ranked, len(grid) + len(bo), params, time.monotonic() - t0)))
+        params["merge_threshold"] = options.merge_threshold
+        out.append((budget, auto.as_result(ranked, len(grid) + len(bo) + len(merged), params, time.monotonic() - t0)))
         bar.update(1)
     bar.close()
     return out

@@ -10,7 +10,9 @@ full-sequence prefill FLOPs, recipe_search/flops.py):
   fastv K=2        one drop at layer 2 (K=1 when 2 cannot meet the budget), attention at layer K-1
   uniform          the same count at every layer from layer 0, FitPrune rule
   <schedule> x <rule>  every rule on the uniform and on the FitPrune schedule (recipe/rules.py;
-                   vision-side rules make the first cut in the tower); random is the baseline
+                   vision-side rules make the first cut in the tower); random is the baseline;
+                   "<rule>+merge": the same with near-duplicate drops merged into survivors under
+                   proportional attention (runtime/plan.py, threshold methods.auto.MERGE_THRESHOLD)
   ceiling          (demo only) the uniform schedule keeping the patches that hold objects first:
                    the world knows them (scripts/ceiling.py), no method can
 and once, without a budget, G-Search (least cost without loss on the search samples).
@@ -32,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ class Row:
     note: str = ""
     search_seconds: float = 0.0
     single_pair: bool = True  # a (method, rule) pair the default must keep up with
+    correct: str = ""         # per held-out question, "1" when answered right: paired comparisons
 
 
 @dataclass
@@ -86,10 +89,12 @@ def bench_model(spec: str, args: argparse.Namespace, work: Path) -> ModelReport:
     from recipe_search.flops import CostModel
     from recipe_search.measure import measure
     from recipe_search.methods import InfeasibleBudgetError
+    from recipe_search.methods.auto import MERGE_THRESHOLD
     from recipe_search.methods.objective import VARIANTS
     from recipe_search.models.loading import load_model
     from recipe_search.pipeline import LoadedModel, SearchOptions, search_recipes
     from recipe_search.recipe.rules import with_rule
+    from recipe_search.runtime import make_rule
 
     path = demo_checkpoint() if spec == "demo" else Path(spec).expanduser()
     model, processor, adapter = load_model(path)
@@ -104,17 +109,22 @@ def bench_model(spec: str, args: argparse.Namespace, work: Path) -> ModelReport:
     report = ModelReport(Path(spec).name if spec != "demo" else "demo", adapter.dims().num_layers, stats.visual_tokens,
                          base.accuracy.overall, dict(base.accuracy.per_type), held_out.source, base.accuracy.total)
 
-    def accuracy_of(recipe: Any) -> float:
+    def accuracy_of(recipe: Any) -> tuple[float, str]:
         got = measure(loaded, recipe, held_out, reference=base)
         assert got.accuracy is not None
-        return got.accuracy.overall
+        hits = "".join("1" if a.lower() == str(s.answer).strip().lower() else "0"
+                       for a, s in zip(got.answers, held_out.samples))
+        assert hits.count("1") == got.accuracy.correct
+        return got.accuracy.overall, hits
 
     def add(budget: str, name: str, recipe: Any, seconds: float = 0.0, single_pair: bool = True) -> None:
         rule = recipe.vision.rule if recipe.vision is not None else recipe.selection.rule
         if rule == "attention" and recipe.selection.params.get("query") == "text":
             rule = "attention-text"
-        report.rows.append(Row(budget, name, label(rule), list(recipe.schedule.counts), recipe.budget.achieved["full"],
-                               accuracy_of(recipe), search_seconds=seconds, single_pair=single_pair))
+        rule = label(rule) + ("+merge" if recipe.selection.merge_threshold is not None else "")
+        acc, hits = accuracy_of(recipe)
+        report.rows.append(Row(budget, name, rule, list(recipe.schedule.counts), recipe.budget.achieved["full"],
+                               acc, search_seconds=seconds, single_pair=single_pair, correct=hits))
         print(f"  {spec} {budget} {name} [{rule}]: {report.rows[-1].accuracy:.1%}", file=sys.stderr, flush=True)
 
     def search(method: str, budget_list: list, **options: Any) -> list:
@@ -158,6 +168,9 @@ def bench_model(spec: str, args: argparse.Namespace, work: Path) -> ModelReport:
                         report.notes.append(f"{rule}: {exc}")
                     continue
                 add(budget.text, f"{schedule} schedule", chosen, single_pair=rule != "random")
+                if rule != "random" and not make_rule(base_rule, params).merges:
+                    merged = replace(chosen, selection=replace(chosen.selection, merge_threshold=MERGE_THRESHOLD))
+                    add(budget.text, f"{schedule} schedule", merged)
     if spec == "demo":
         from ceiling import (
             ceiling_rows,  # scripts/ceiling.py: the world knows which patches hold objects
@@ -198,6 +211,18 @@ def model_table(rep: ModelReport) -> str:
     return "\n".join(lines)
 
 
+def paired_interval(a: str, b: str, z: float = 1.96) -> tuple[float, float] | None:
+    """95 % interval of accuracy(a) - accuracy(b) from the same questions answered by both (per-question
+    differences in {-1, 0, 1}, normal approximation); None without per-question results."""
+    if not a or len(a) != len(b):
+        return None
+    diffs = [int(x) - int(y) for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = (sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)) ** 0.5
+    return mean - z * sd / n ** 0.5, mean + z * sd / n ** 0.5
+
+
 def verdicts(rep: ModelReport, budget: str) -> dict[str, Any]:
     rows = [r for r in rep.rows if r.budget == budget and r.accuracy is not None]
     default = next(r for r in rows if r.name == "default (auto)")
@@ -230,15 +255,21 @@ def summary(reports: list[ModelReport], budgets: list[str]) -> str:
             if rep.name == "demo":
                 cells.append(_pct(v["ceiling"]))
             close = (d.accuracy or 0) >= (best.accuracy or 0) - CLOSE
+            interval = paired_interval(d.correct, best.correct)
+            spread = "" if interval is None else f"; 95 % CI {interval[0]:+.1%} to {interval[1]:+.1%}"
             ahead = all((d.accuracy or 0) > (x or 0) for x in (v["random"], v["fastv"]) if x is not None)
             floor = FLOORS.get(b)
             floor_lines.append(
                 f"| {rep.name} | {b} | {v['kept']:.1%} | {'-' if floor is None else f'{floor:.0%}'} "
                 f"{'' if floor is None else ('met' if v['kept'] >= floor else '**not met**')} "
-                f"| {'yes' if close else '**no**'} ({(d.accuracy or 0) - (best.accuracy or 0):+.1%}) "
+                f"| {'yes' if close else '**no**'} ({(d.accuracy or 0) - (best.accuracy or 0):+.1%}{spread}) "
                 f"| {'yes' if ahead else '**no**'} | {'yes' if not v['failed'] else 'failed: ' + ', '.join(v['failed'])} |")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nFloors (issue 9):\n\n" + "\n".join(floor_lines)
+    note = ("\n\nThe interval after each gap is the paired 95 % interval of default minus best pair over the same "
+            "held-out questions (per-question differences, normal approximation). The best pair is the highest of "
+            "the table's single-pair rows measured on those questions, so its accuracy is itself biased upwards by "
+            "being the maximum.")
+    return "\n".join(lines) + "\n\nFloors (issue 9):\n\n" + "\n".join(floor_lines) + note
 
 
 def main() -> int:

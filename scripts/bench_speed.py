@@ -19,7 +19,7 @@ Schedules (how each was made, no calibration of the medium model is needed for t
   uniform   the same count at every layer from layer 0, largest count meeting the budget
             (recipe_search.methods.search_uniform); FitPrune rule, scored at the same layer
   default   what search-recipe's default method (auto) picks on the demo: the uniform schedule with the
-            DART rule
+            DART rule, near-duplicate drops merged into survivors (merge threshold 0.9, runtime/plan.py)
   (random rule)  the fitprune and uniform schedules with the seeded random rule: no scoring cost
 Budgets are shares of the unpruned LM's full-sequence prefill FLOPs (recipe_search/flops.py). The
 predicted speed-up is (LM full + vision encoder and projector FLOPs, unpruned) / (the same, pruned),
@@ -146,6 +146,7 @@ class Config:
     how: str
     predicted: float = 1.0              # (LM full + vision) unpruned / pruned
     rule: str = "fitprune"
+    merge_threshold: float | None = None  # near-duplicate drops merged into survivors (runtime/plan.py)
 
 
 def schedules(adapter: Any, budgets: list[str], defaults: set[str]) -> tuple[list[Config], Any, Any]:
@@ -153,6 +154,7 @@ def schedules(adapter: Any, budgets: list[str], defaults: set[str]) -> tuple[lis
     from recipe_search.budget import parse_budget
     from recipe_search.flops import CostModel, VisionCost
     from recipe_search.methods import search_fitprune, search_uniform
+    from recipe_search.methods.auto import MERGE_THRESHOLD
 
     dims = adapter.dims()
     n = adapter.visual_tokens_per_image()
@@ -175,7 +177,8 @@ def schedules(adapter: Any, budgets: list[str], defaults: set[str]) -> tuple[lis
                           f"one cut at layer 0 to {uni.counts[0]}; FLOPs {costs.fraction(uni.counts, 'full'):.1%}"))
         if text in defaults:
             out.append(Config(f"default {text}", uni.counts, "what search-recipe's default method (auto) picks on "
-                              "the demo: the uniform schedule with the DART rule", rule="dart"))
+                              "the demo: the uniform schedule, DART rule, near-duplicates merged", rule="dart",
+                              merge_threshold=MERGE_THRESHOLD))
     for c in out:
         c.predicted = predicted(c.counts)
     return out, costs, vision
@@ -183,28 +186,36 @@ def schedules(adapter: Any, budgets: list[str], defaults: set[str]) -> tuple[lis
 
 def scoring_share(config: Config, dims: Any, costs: Any, vision: Any) -> float:
     """MACs the rule spends selecting, over the MACs the prediction counts for the configuration: at each cut,
-    the query and key projections of the dropped tokens (the survivors' are reused by the layer) for rules
-    that read them, and for FitPrune the logits of its query rows (visual rows over the keys before them,
-    post-image text rows over every key)."""
+    the projections the rule reads that the layer does not reuse (the dropped tokens' queries and keys;
+    DART reads keys only; with merging no projection is reused, since merged survivors have new states),
+    for FitPrune the logits of its query rows (visual rows over the keys before them, post-image text rows
+    over every key), for DART the cosine similarity of its 8 pivots to the live tokens, and for merging
+    the cosine similarity of every dropped token to every survivor."""
     if config.counts is None or config.rule == "random":
         return 0.0
-    proj = dims.hidden_size * (dims.num_heads + dims.num_kv_heads) * dims.head_dim
+    keys = dims.hidden_size * dims.num_kv_heads * dims.head_dim
+    proj = keys if config.rule == "dart" else keys + dims.hidden_size * dims.num_heads * dims.head_dim
     width = dims.num_heads * dims.head_dim
     live, extra = costs.visual_tokens, 0.0
     for kept in config.counts:
         if kept < live:
-            extra += (live - kept) * proj
+            extra += (live if config.merge_threshold is not None else live - kept) * proj
             if config.rule == "fitprune":
                 extra += width * (live * (len(PREFIX) + (live + 1) / 2) + QUESTION_TOKENS * (live + text_tokens()))
+            if config.rule == "dart":
+                extra += 8 * live * dims.hidden_size
+            if config.merge_threshold is not None:
+                extra += (live - kept) * kept * dims.hidden_size
             live = kept
     return extra / (costs.total(config.counts, "full") + vision.total(config.counts[0]))
 
 
-def plan_for(counts: tuple[int, ...], n: int, rule: str = "fitprune") -> Any:
+def plan_for(counts: tuple[int, ...], n: int, rule: str = "fitprune", merge_threshold: float | None = None) -> Any:
     """The runtime plan of `counts` under `rule` with its recipe defaults, scored at the layer that cuts."""
     from recipe_search.runtime import PruningPlan, make_rule
 
-    return PruningPlan(tuple(counts), n, make_rule(rule, {"heads": "max"} if rule == "fitprune" else {}), "same")
+    return PruningPlan(tuple(counts), n, make_rule(rule, {"heads": "max"} if rule == "fitprune" else {}), "same",
+                       merge_threshold=merge_threshold)
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -745,7 +756,7 @@ def main() -> int:
          "rule, whose selection costs nothing: what the hardware gives that schedule without any scoring.")
     plans: dict[str, Any] = {"bare": None}
     for c in configs:
-        plans[c.name] = plan_for(c.counts, n, c.rule)
+        plans[c.name] = plan_for(c.counts, n, c.rule, c.merge_threshold)
     bound_names = {f"{kind} {b}" for b in args.bounds.split(",") if b for kind in ("fitprune", "uniform")}
     bounds = [Config(c.name + " (random rule)", c.counts, "", c.predicted, "random")
               for c in configs if c.name in bound_names]

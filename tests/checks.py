@@ -70,13 +70,18 @@ def layer_contexts(model, inputs: dict, **forward) -> tuple[list[ScoreContext], 
 
 def assert_score_rows_match_eager(model_eager, inputs: dict, tol: float = 1e-5) -> None:
     """Attention rows recomputed by the adapter equal the eager model's own attention weights at
-    every layer (q/k norms, rotary variant, scaling, soft-capping and the layer's mask)."""
+    every layer (q/k norms, rotary variant, scaling, soft-capping and the layer's mask), and the key
+    norms read without queries or rotary equal those of the keys."""
     contexts, out = layer_contexts(model_eager, inputs, output_attentions=True)
     ids = inputs["input_ids"]
     key_ok = contexts[0].key_ok
     assert len(out.attentions) == len(contexts) == len(get_adapter(model_eager).decoder_layers())
     for ctx, weights in zip(contexts, out.attentions):
+        norms = ctx.adapter.key_norms(ctx.layer, ctx.hidden)  # before the keys exist: the projection-only path
         ours = ctx.attention(torch.arange(ids.shape[1]).expand(ids.shape[0], -1))
+        keys = ctx.query_key()[1].float()
+        assert torch.allclose(norms, keys.square().sum(dim=(1, 3)), rtol=1e-5, atol=1e-6), \
+            f"layer {ctx.layer_idx}: key norms without queries and rotary differ from the keys' own"
         valid = key_ok[:, None, :, None]  # padding queries are not compared (no key to attend to)
         diff = ((ours - weights.float()).abs() * valid).max().item()
         assert diff <= tol, f"layer {ctx.layer_idx}: score rows differ from eager attention by {diff}"

@@ -128,7 +128,7 @@ def _nested(depth: int) -> str:
     (lambda t: t.replace('"start_layer": 0', '"start_layer": ' + _nested(990)), "nested deeper than 32 levels"),
     (lambda t: t.replace('"schedule": {', '"schedule": {"visual_tokens": 32, '),
      "schedule.visual_tokens: duplicate key"),
-    (lambda t: t.replace('"format_version": 2', '"format_version": 2.0'), "format_version: 2.0 is not supported"),
+    (lambda t: t.replace('"format_version": 3', '"format_version": 3.0'), "format_version: 3.0 is not supported"),
     (lambda t: t[:len(t) // 2], "malformed JSON at line"),
 ])
 def test_what_json_lets_through_is_a_recipe_error(recipe_file, change, message):

@@ -37,7 +37,7 @@ def test_vision_rule_round_trips_and_applies(tmp_path, llava_sdpa):
     assert 0 < achieved["vision_encoder"] < 1 and "vision_encoder" in recipe.budget.formulas
     path = save_recipe(recipe, tmp_path / "v.json")
     data = json.loads(path.read_text())
-    assert data["format_version"] == 2 and data["vision"]["rule"] == "ficoco-v"
+    assert data["format_version"] == 3 and data["vision"]["rule"] == "ficoco-v"
     loaded = load_recipe(path)
     assert loaded == recipe
     inputs = llava_inputs([[11, 12, 13], [14, 15]])
@@ -85,12 +85,12 @@ def test_bad_rule_fields_are_one_line(tmp_path, llava_sdpa, change, message):
 
 def test_format_1_recipes_still_load(tmp_path, llava_sdpa):
     def as_version_1(data):
-        assert data.pop("vision") is None
+        assert data.pop("vision") is None and data["selection"].pop("merge_threshold") is None
         data["format_version"] = 1
 
     path = _edit(save_recipe(_recipe(llava_sdpa), tmp_path / "r.json"), as_version_1)
     recipe = load_recipe(path)
-    assert recipe.vision is None and recipe.format_version == 2  # upgraded when saved again
+    assert recipe.vision is None and recipe.format_version == 3  # upgraded when saved again
 
 
 def test_unknown_rule_and_unsupported_tower_are_one_line(llava_sdpa):

@@ -16,12 +16,15 @@ PLANS = {
     "attention-prev": ((64, 64, 32, 32, 8, 8), "attention", {}, "previous"),
     "attention-text-layer0": ((48, 48, 16, 16, 16, 0), "attention", {"query": "text"}, "same"),
     "random": ((64, 30, 30, 30, 5, 5), "random", {"seed": 3}, "same"),
+    # random-weight states are far from parallel: a low threshold makes most drops merge
+    "fitprune-merge": ((64, 40, 40, 20, 10, 10), "fitprune", {}, "same", 0.05),
+    "attention-prev-merge": ((64, 64, 32, 32, 8, 8), "attention", {}, "previous", 0.05),
 }
 
 
 def _plan(name):
-    counts, rule, params, where = PLANS[name]
-    return PruningPlan(counts, 64, make_rule(rule, params), where)
+    counts, rule, params, where, *merge = PLANS[name]
+    return PruningPlan(counts, 64, make_rule(rule, params), where, merge_threshold=merge[0] if merge else None)
 
 
 @pytest.fixture(params=["sdpa", "eager"])

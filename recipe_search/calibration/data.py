@@ -62,14 +62,32 @@ class SampleSet:
         return digest.hexdigest()[:16]
 
     def split(self, share: float) -> tuple["SampleSet", "SampleSet"]:
-        """(search part, validation part): every k-th sample goes to validation so both keep the
-        data's mix (a stratified draw stays stratified); each part gets at least one sample."""
+        """(search part, validation part) with about `share` of the samples in validation, drawn per
+        question type (seeded), so both parts keep the data's mix: every k-th sample of a periodic
+        order (the demo's cycles through four question types) would put whole types in one part.
+        Order is kept within each part; each part gets at least one sample."""
         if len(self) < 2:
             raise DataError(f"{self.source}: a validation part needs at least 2 samples, got {len(self)}")
-        every = max(2, round(1 / share))
-        val = self.samples[every - 1::every]
-        rest = tuple(s for i, s in enumerate(self.samples) if i % every != every - 1)
-        return (SampleSet(rest, f"{self.source} (search part)", self.notes),
+        if not 0 < share < 1:
+            raise DataError(f"validation share must be between 0 and 1, got {share}")
+        groups: dict[str | None, list[int]] = {}
+        for i, sample in enumerate(self.samples):
+            groups.setdefault(sample.qtype, []).append(i)
+        rng = np.random.default_rng(0)
+        to_validation: set[int] = set()
+        owed = 0.0  # carried rounding, so many small groups still add up to `share`
+        for members in groups.values():
+            owed += share * len(members)
+            take = min(len(members), int(round(owed)))
+            owed -= take
+            to_validation.update(rng.permutation(members)[:take].tolist())
+        if not to_validation:
+            to_validation.add(len(self) - 1)
+        elif len(to_validation) == len(self):
+            to_validation.discard(0)
+        search = tuple(x for i, x in enumerate(self.samples) if i not in to_validation)
+        val = tuple(x for i, x in enumerate(self.samples) if i in to_validation)
+        return (SampleSet(search, f"{self.source} (search part)", self.notes),
                 SampleSet(val, f"{self.source} (validation part)", self.notes))
 
 

@@ -42,6 +42,7 @@ class SearchResult:
     result: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     vision_rule: str | None = None  # a pre-LLM stage keeps counts[0] in the vision tower (recipe/rules.py)
+    merge_threshold: float | None = None  # near-duplicate drops merge into survivors (runtime/plan.py)
 
 
 def _layer_costs(budget: Budget, costs: CostModel) -> np.ndarray:

@@ -12,7 +12,9 @@ its plans run the whole model on the batch's stored inputs instead (no prefix to
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,8 @@ from ..runtime.selection import RULES, SelectionRule, make_rule
 
 METRICS = ("agreement", "accuracy")
 KL_TIE_BREAK = 1e-3  # objective = metric - KL_TIE_BREAK * KL: KL only orders equal metrics
+#: Scores within this many standard errors of the best one cannot be told apart (95 %): `merit_keys`.
+TIE_Z = 1.96
 
 #: Rules the searches also try under a name of their own: a registered rule with other parameters.
 #: The attention rule reading the question's tokens instead of the last prompt token (docs/rules.md).
@@ -38,6 +42,22 @@ def candidate_rule(name: str) -> SelectionRule:
     return make_rule(base, params)
 
 
+def candidate_plan(counts: Sequence[int], name: str, visual_tokens: int, images: str = "per-image",
+                   merge_threshold: float | None = None) -> PruningPlan:
+    """`counts` selected by the rule or variant `name` where that rule reads: the attention rule the
+    layer before the cut (FastV) when layer 0 keeps everything, other LLM-side rules the layer that
+    cuts; a vision-side rule makes the first cut in the vision tower (`pre_llm_counts`), FitPrune's
+    rule the later ones. The one place the searches turn a (schedule, rule) candidate into a plan."""
+    counts = tuple(int(c) for c in counts)
+    rule = candidate_rule(name)
+    if rule.stage == "vision":
+        return PruningPlan(pre_llm_counts(counts, visual_tokens), visual_tokens, make_rule("fitprune"), "same",
+                           vision=rule, images=images, merge_threshold=merge_threshold)
+    previous = rule.name == "attention" and bool(counts) and counts[0] == visual_tokens
+    return PruningPlan(counts, visual_tokens, rule, "previous" if previous else "same", images=images,
+                       merge_threshold=merge_threshold)
+
+
 @dataclass(frozen=True)
 class Evaluation:
     value: float                 # the metric: agreement or accuracy, in [0, 1]
@@ -48,6 +68,21 @@ class Evaluation:
     @property
     def objective(self) -> float:
         return self.value - KL_TIE_BREAK * self.kl
+
+
+def merit_keys(evaluations: Sequence[Evaluation], samples: int) -> list[tuple[float, ...]]:
+    """Sort keys, smaller = better, for choosing among candidates scored on the same `samples`.
+
+    A metric read from a few dozen answers is coarse: on 64 samples one answer is 1.6 points, and the
+    candidates worth choosing between differ by less. Scores within `TIE_Z` standard errors of the
+    best (sqrt(p(1-p)/n), at least one answer) are therefore ties, and among them the lower KL
+    divergence from the unpruned model's next-token distribution (continuous, so it separates what a
+    count of answers cannot) decides; the rest follow by score (docs/rules.md, measured with
+    scripts/shortlist_heldout.py: on the demo at 12.5 % two candidates tied at 0.953 were 96.3 % and
+    94.7 % held-out, and the lower KL was the better one)."""
+    best = max(e.value for e in evaluations)
+    margin = max(TIE_Z * math.sqrt(max(best * (1 - best), 0.0) / samples), 1 / samples)
+    return [(0.0, e.kl) if e.value >= best - margin - 1e-12 else (1.0, -e.value, e.kl) for e in evaluations]
 
 
 @dataclass
@@ -123,15 +158,8 @@ class ScheduleScorer:
                            vision=vision, images=self.images)
 
     def rule_plan(self, counts: tuple[int, ...] | list[int], name: str) -> PruningPlan:
-        """`counts` selected by the registered rule `name` where that rule reads: the attention rule the
-        layer before the cut (FastV) when layer 0 keeps everything, other LLM-side rules the layer that
-        cuts; a vision-side rule makes the first cut in the vision tower (`pre_llm_counts`)."""
-        counts = tuple(int(c) for c in counts)
-        rule = candidate_rule(name)
-        if rule.stage == "vision":
-            return self.plan(pre_llm_counts(counts, self.visual_tokens), vision=rule)
-        previous = rule.name == "attention" and bool(counts) and counts[0] == self.visual_tokens
-        return self.plan(counts, rule, "previous" if previous else "same")
+        """`candidate_plan` for this scorer's token count and image policy."""
+        return candidate_plan(counts, name, self.visual_tokens, self.images)
 
     def rule_names(self) -> tuple[str, ...]:
         """Every registered rule this model can run (vision-side ones need a vision tower layout)."""
@@ -149,7 +177,7 @@ class ScheduleScorer:
             return self._whole_model_logits(batch, plan)
         adapter = self.loaded.adapter
         counts = plan.counts
-        rule_key = (plan.rule.name, repr(sorted(plan.rule.params().items())), plan.score_layer)
+        rule_key = (plan.rule.name, repr(sorted(plan.rule.params().items())), plan.score_layer, plan.merge_threshold)
         handle = PruningHandle(self.loaded.model, plan, adapter, score_ahead=True)
         try:
             handle.begin_prefill(batch.input_ids, batch.attn2d)

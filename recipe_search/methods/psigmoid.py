@@ -25,7 +25,7 @@ from ..budget import Budget
 from ..flops import CostModel
 from .fitprune import InfeasibleBudgetError, SearchResult
 from .gsearch import RULE
-from .objective import Evaluation, ScheduleScorer
+from .objective import Evaluation, ScheduleScorer, merit_keys
 from .optimizers import Backend, Space, TrialLost
 
 SLOPE_RANGE = (0.1, 3.0)
@@ -228,7 +228,8 @@ def best_result(run: PSigmoidRun, seconds: float, params: dict[str, Any],
                 validation: ScheduleScorer | None = None) -> SearchResult:
     """The best feasible finished trial as a search result. With `validation`, the best
     `VALIDATED_TRIALS` distinct schedules by search score are re-scored there and the best validation
-    score wins; ties go to the search score, then to fewer full-sequence FLOPs."""
+    score wins (`objective.merit_keys`: scores the samples cannot tell apart go to the lower KL),
+    then the search score, then fewer full-sequence FLOPs."""
     # a trial told by an older version, or under other costs, is not trusted to meet the budget
     trials = [t for t in run.backend.finished() if t.attrs.get("feasible") and "rule_base" in t.attrs
               and run.budget.is_met(tuple(t.attrs["counts"]), run.costs)]
@@ -245,8 +246,9 @@ def best_result(run: PSigmoidRun, seconds: float, params: dict[str, Any],
                 checked[key(t)] = validation.evaluate_plan(run.scorer.rule_plan(t.attrs["counts"], t.attrs["rule"]))
             if len(checked) == VALIDATED_TRIALS:
                 break
-        ranked = sorted(ranked, key=lambda t: (checked[key(t)].objective if key(t) in checked else float("-inf"),
-                                               t.value, -t.attrs["flops_full"]), reverse=True)
+        merit = dict(zip(checked, merit_keys(list(checked.values()), len(validation.data))))
+        ranked = sorted(ranked, key=lambda t: (key(t) not in checked, merit.get(key(t), ()), -t.value,
+                                               t.attrs["flops_full"]))
     best = ranked[0]
     counts = tuple(best.attrs["counts"])
     assert run.budget.is_met(counts, run.costs), "P-Sigmoid kept a schedule over budget"

@@ -279,6 +279,18 @@ class ModelAdapter(ABC):
         groups = q.shape[1] // k.shape[1]
         return q, k.repeat_interleave(groups, dim=1) if groups > 1 else k
 
+    def key_norms(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, L) squared L2 norm of each token's key, summed over the heads of `query_key`'s keys (KV
+        heads repeated), without computing queries or rotary: a rotation keeps the norm, so a rule
+        that reads only key sizes (DART's pivots) costs one projection instead of two."""
+        attn = layer.self_attn
+        x = self.attention_input(layer, hidden)
+        k = attn.k_proj(x).view(x.shape[0], x.shape[1], -1, attn.head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            k = attn.k_norm(k)
+        groups = attn.q_proj.out_features // attn.head_dim // k.shape[2]
+        return k.float().square().sum(dim=(2, 3)) * groups
+
     def attention_logits(self, layer: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Pre-softmax logits (B, H, R, L) in float32 from query rows and keys, scaled (and
         soft-capped) as the layer does before its mask is added."""

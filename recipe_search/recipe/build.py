@@ -61,7 +61,7 @@ def make_recipe(result: SearchResult, budget: Budget | None, costs: CostModel, i
         budget=budget_record(budget, result.counts, costs),
         schedule=Schedule(visual_tokens=n, counts=list(result.counts), fractions=[c / n for c in result.counts]),
         selection=Selection(rule=result.rule, params=dict(result.rule_params), score_layer=result.score_layer,
-                            images=images),
+                            images=images, merge_threshold=result.merge_threshold),
         method=MethodRecord(name=result.method, params=dict(result.params),
                             result={**result.result, "search_seconds": round(result.seconds, 4)}),
         calibration=calibration,

@@ -311,6 +311,15 @@ def _validate_selection(recipe: Recipe) -> None:
     _one_of(sel.score_layer, ("same", "previous"), "selection.score_layer")
     _one_of(sel.images, IMAGE_POLICIES, "selection.images")
     rule = _check_rule("selection", sel.rule, sel.params, "llm")
+    if sel.merge_threshold is not None:
+        from ..runtime.plan import check_merge_threshold
+
+        try:
+            check_merge_threshold(sel.merge_threshold)
+        except ValueError as exc:
+            raise RecipeError(f"selection.{exc}") from None
+        if rule.merges:
+            raise RecipeError(f"selection.merge_threshold: rule {sel.rule!r} merges by its own weights; remove it")
     if sel.score_layer == "previous":
         if not isinstance(rule, ScoringRule):
             raise RecipeError(f"selection.score_layer: 'previous' needs a rule that ranks tokens; {sel.rule!r} "
@@ -380,6 +389,8 @@ def recipe_from_dict(data: Any) -> Recipe:
     for key in ("tool_version", "created"):
         if not isinstance(data.get(key), str):
             raise RecipeError(f"{key}: expected a string")
+    if version < 3 and isinstance(data.get("selection"), dict) and "merge_threshold" in data["selection"]:
+        raise RecipeError(f"selection.merge_threshold: unknown field in format_version {version}")
     vision = None if data.get("vision") is None else _build(VisionSelection, data["vision"], "vision")
     recipe = Recipe(**sections, tool_version=data["tool_version"], created=data["created"], vision=vision)
     _validate(recipe)

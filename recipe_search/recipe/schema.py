@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 FORMAT = "recipe-search/recipe"
-FORMAT_VERSION = 2
-#: Versions this tool reads: 1 is 2 without the optional `vision` section.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions this tool reads: 1 is 2 without the optional `vision` section, 2 is 3 without
+#: `selection.merge_threshold`.
+READABLE_VERSIONS = (1, 2, 3)
 
 
 #: Longest error message: whatever a file holds, its error stays one readable line.
@@ -102,6 +103,7 @@ class Selection:
     params: dict[str, Any]
     score_layer: str                # "same" or "previous"
     images: str = "per-image"       # several images in a prompt: each keeps its share, or "pooled"
+    merge_threshold: float | None = None  # format 3: near-duplicate drops merge (runtime/plan.py), else dropped
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Nothing in the model is patched. A hook on the top model notes each forward's visual tokens,
 their images, padding and prompt; a hook on every decoder layer drops visual tokens at the
-scheduled layers (merging rules also rewrite the survivors' hidden states) and re-indexes what
+scheduled layers (merging rules, or a plan's merge threshold, also rewrite the survivors' hidden
+states) and re-indexes what
 the model loop keeps passing at full length (rotary tables, position ids, the layer's own mask).
 Everything family-specific (how a layer is called, its score math, its window, extra prefill
 hooks) comes from the model's adapter.
@@ -15,6 +16,10 @@ own masks gathered at the surviving positions, so causal, padding, sliding-windo
 bidirectional-image structure carry over exactly; during cached decoding each layer's mask is
 rebuilt for that layer's own KV layout (including a sliding-window cache's cropping). `remove()`
 detaches every hook and leaves the model exactly as it was.
+
+A plan with a merge threshold also tracks how many original tokens each slot stands for (its
+mass); every mask from the first merge on is then an additive float mask carrying log(mass) on
+each key (proportional attention), in prefill and in every cached decoding step.
 """
 from __future__ import annotations
 
@@ -101,6 +106,8 @@ class _Forward:
     kv_groups: dict[Any, "_KVGroup"] = field(default_factory=dict)    # layers sharing one KV layout
     layer_group: dict[int, "_KVGroup"] = field(default_factory=dict)
     pending_scores: torch.Tensor | None = None  # (B, Lc) previous-layer scores of the live slots
+    mass: torch.Tensor | None = None     # (B, Lc) original tokens each live slot stands for; None: all 1
+    prefill_mass: dict[int, torch.Tensor | None] = field(default_factory=dict)  # mass each layer's KV slots had
     counts: list[int] = field(default_factory=list)
     gathered: dict[Any, Any] = field(default_factory=dict)
     pruning_started: bool = False
@@ -119,6 +126,8 @@ class _KVGroup:
     kv: torch.Tensor | None = None   # slots attended in the current step (cached + new)
     new: torch.Tensor | None = None  # the current step's query columns
     masks: dict[Any, torch.Tensor] = field(default_factory=dict)   # per mask dtype, current step
+    mass: torch.Tensor | None = None     # (B, Lk) original tokens each cached slot stands for; None: all 1
+    kv_mass: torch.Tensor | None = None  # the same for the slots attended in the current step
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,7 @@ class PrefillSnapshot:
     counts: tuple[int, ...]
     pending_scores: torch.Tensor | None
     pruning_started: bool
+    mass: torch.Tensor | None = None
 
 
 class PruningHandle:
@@ -341,7 +351,7 @@ class PruningHandle:
         state = self._state
         assert state is not None and state.cols is not None and state.visual is not None and state.unit is not None
         return PrefillSnapshot(state.cols, state.visual, state.unit, state.layout, tuple(state.counts),
-                               state.pending_scores, state.pruning_started)
+                               state.pending_scores, state.pruning_started, state.mass)
 
     def resume(self, snap: PrefillSnapshot) -> None:
         """Continue a prefill begun with `begin_prefill` from the layer after `snap` was taken."""
@@ -352,7 +362,7 @@ class PruningHandle:
             raise PruningError("snapshot was taken under a schedule with another prefix")
         state.cols, state.visual, state.unit, state.counts = snap.cols, snap.visual, snap.unit, list(snap.counts)
         state.layout = snap.layout + 1_000_000  # gathered tensors of another handle are not ours
-        state.pending_scores, state.pruning_started = snap.pending_scores, snap.pruning_started
+        state.pending_scores, state.pruning_started, state.mass = snap.pending_scores, snap.pruning_started, snap.mass
         state.gathered.clear()
         state.live = _unit_sizes(state.unit)
         state.next_active = self._next_active(len(snap.counts))
@@ -396,7 +406,7 @@ class PruningHandle:
                 return self._prefill_layer(idx, module, args, kwargs)
             # nothing drops or scores here: note what the layer sees, re-index its call if needed
             state.counts.append(sum(n for (r, _), n in state.live.items() if r == 0))
-            state.prefill_cols[idx] = state.cols if state.pruning_started else None
+            self._note_kv_slots(state, idx)
             if idx == last:
                 self.last_counts = list(state.counts)
             if not state.pruning_started:
@@ -416,7 +426,7 @@ class PruningHandle:
             hidden, order = self._compact(hidden, *keep)
             state.pruning_started = True
             state.live = _unit_sizes(state.unit)
-            if self._reuse.noted and not keep[1]:
+            if self._reuse.noted and not keep[1] and self.plan.merge_threshold is None:
                 self._reuse.arm(order)  # merged survivors have new states: nothing to reuse then
         self._reuse.noted.clear()
         state.pending_scores = None
@@ -430,11 +440,17 @@ class PruningHandle:
             self._reuse.arm(None)  # the layer runs on exactly these slots
         if nxt == self._layers:
             self.last_counts = list(state.counts)
-        state.prefill_cols[idx] = state.cols if state.pruning_started else None
+        self._note_kv_slots(state, idx)
         state.next_active = self._next_active(nxt)
         if live_call is None:
             return args, kwargs
         return self.adapter.write_layer_call(args, kwargs, live_call)
+
+    @staticmethod
+    def _note_kv_slots(state: _Forward, idx: int) -> None:
+        """Remember which slots (and their mass) layer `idx` stores in its KV cache, for decoding."""
+        state.prefill_cols[idx] = state.cols if state.pruning_started else None
+        state.prefill_mass[idx] = state.mass if state.pruning_started else None
 
     def _unpruned_call(self, call: LayerCall) -> LayerCall:
         """`call` as the scoring context reads it before anything was dropped: the model's own tensors,
@@ -456,8 +472,9 @@ class PruningHandle:
         assert state is not None
         return state.live.get((row, unit), 0)
 
-    def _keep(self, idx: int, layer: nn.Module, call: LayerCall) -> tuple[torch.Tensor, list] | None:
-        """(B, Lc) slots that survive entering layer `idx` and the merges to apply, or None if nothing drops."""
+    def _keep(self, idx: int, layer: nn.Module, call: LayerCall) -> tuple[torch.Tensor, list | None] | None:
+        """(B, Lc) slots that survive entering layer `idx` and the rule's merges to apply (None: the
+        dropped slots hold nothing to merge), or None if nothing drops."""
         state = self._state
         assert state is not None and state.unit is not None and state.visual is not None
         if self._vision is not None and idx == 0:
@@ -494,7 +511,7 @@ class PruningHandle:
                 self._drop(keep, r, slots, self.plan.rule.select(sub, k), merges)
         return keep, merges
 
-    def _vision_keep(self, kept: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def _vision_keep(self, kept: torch.Tensor) -> tuple[torch.Tensor, None]:
         """Layer-0 survivors from the vision stage's patch choice (one row of `kept` per image, in
         prompt order, whatever the policy: the tower sees each image alone)."""
         state = self._state
@@ -511,7 +528,7 @@ class PruningHandle:
             if slots.numel() != self._vision.layout.patches:
                 raise PruningError("vision-side selection needs every image to give the tower's patch count")
             self._drop(keep, r, slots, Choice(kept[i:i + 1]))
-        return keep, []
+        return keep, None  # the tower never encoded the others: nothing to merge
 
     @staticmethod
     def _drop(keep: torch.Tensor, row: int, slots: torch.Tensor, choice: Choice,
@@ -523,7 +540,8 @@ class PruningHandle:
         if choice.merge is not None and merges is not None:
             merges.append((row, survivors, slots, choice.merge[0]))
 
-    def _compact(self, hidden: torch.Tensor, keep: torch.Tensor, merges: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compact(self, hidden: torch.Tensor, keep: torch.Tensor,
+                 merges: list | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep the surviving slots of every row in order, left-padding shorter rows; apply merges.
         Returns the new hidden states and, for each new slot, the old slot it came from."""
         state = self._state
@@ -532,15 +550,51 @@ class PruningHandle:
             hidden = hidden.clone()
             for row, survivors, slots, weights in merges:
                 hidden[row, survivors] = (weights @ hidden[row, slots].float()).to(hidden.dtype)
+        elif merges is not None and self.plan.merge_threshold is not None:
+            hidden = self._merge_similar(hidden, keep, self.plan.merge_threshold)
         width = int(keep.sum(dim=1).max())
         order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, -width:]
         real = keep.gather(1, order)
         state.cols = torch.where(real, state.cols.gather(1, order), -1)
         state.visual = state.visual.gather(1, order) & real
         state.unit = torch.where(real, state.unit.gather(1, order), -1)
+        if state.mass is not None:
+            state.mass = torch.where(real, state.mass.gather(1, order), 1.0)
         state.layout += 1
         state.gathered.clear()
         return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1])), order
+
+    def _merge_similar(self, hidden: torch.Tensor, keep: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Merge each dropped visual slot into the most similar survivor of its unit when their cosine
+        similarity reaches `threshold`: the survivor becomes the mass-weighted mean and adds the mass."""
+        state = self._state
+        assert state is not None and state.visual is not None and state.unit is not None
+        mass = state.mass if state.mass is not None else torch.ones(keep.shape, device=hidden.device)
+        out, new_mass, merged = hidden, mass.clone(), False
+        for r in range(hidden.shape[0]):
+            dropped = (state.visual[r] & ~keep[r]).nonzero()[:, 0]
+            kept = (state.visual[r] & keep[r]).nonzero()[:, 0]
+            if not len(dropped) or not len(kept):
+                continue
+            states = hidden[r].float()
+            unit_hat = nn.functional.normalize(states, dim=-1)
+            sim = unit_hat[dropped] @ unit_hat[kept].T
+            sim.masked_fill_(state.unit[r, dropped][:, None] != state.unit[r, kept][None, :], float("-inf"))
+            best, target = sim.max(dim=1)
+            ok = best >= threshold
+            if not bool(ok.any()):
+                continue
+            sources, target = dropped[ok], target[ok]
+            total = states[kept] * mass[r, kept, None]
+            total.index_add_(0, target, states[sources] * mass[r, sources, None])
+            weight = mass[r, kept].index_add(0, target, mass[r, sources])
+            if not merged:
+                out, merged = hidden.clone(), True
+            out[r, kept] = (total / weight[:, None]).to(hidden.dtype)
+            new_mass[r, kept] = weight
+        if merged:
+            state.mass = new_mass
+        return out
 
     # -- what the layer sees ---------------------------------------------------------------------
     def _gathered_call(self, call: LayerCall, hidden: torch.Tensor) -> LayerCall:
@@ -572,7 +626,7 @@ class PruningHandle:
         state = self._state
         assert state is not None and state.cols is not None
         pads = state.cols < 0
-        if like is None and not bool(pads.any()):
+        if like is None and state.mass is None and not bool(pads.any()):
             return None  # the backend's causal kernel is exact on an order-preserving subsequence
         key = ("mask", id(like))
         hit = state.gathered.get(key)
@@ -591,7 +645,7 @@ class PruningHandle:
             dtype = like.dtype
         eye = torch.eye(width, dtype=torch.bool, device=idx.device)
         allowed = (allowed & ~pads[:, None, None, :]) | (eye & pads[:, None, :, None])
-        mask = self._format(allowed, dtype)
+        mask = self._format(allowed, dtype, state.mass)
         state.gathered[key] = (like, mask)
         return mask
 
@@ -606,16 +660,23 @@ class PruningHandle:
             allowed = allowed & (q_cols[:, :, None] - kv_cols[:, None, :] < window)
         return allowed
 
-    def _format(self, allowed: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        """A boolean (B, 1, q, kv) mask in the format of the model's own (bool, or additive float)."""
-        if dtype is None:
-            if self.attn_impl == "sdpa":
+    def _format(self, allowed: torch.Tensor, dtype: torch.dtype | None,
+                mass: torch.Tensor | None = None) -> torch.Tensor:
+        """A boolean (B, 1, q, kv) mask in the format of the model's own (bool, or additive float);
+        with `mass` (B, kv), an additive float mask carrying log(mass) on every allowed key."""
+        if mass is None:
+            if dtype is None:
+                if self.attn_impl == "sdpa":
+                    return allowed
+                dtype = self.adapter.decoder().dtype
+            if dtype == torch.bool:
                 return allowed
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        if dtype is None or dtype == torch.bool:
             dtype = self.adapter.decoder().dtype
-        if dtype == torch.bool:
-            return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+        bias = mass.log().to(dtype)[:, None, None, :].expand(allowed.shape)
+        return torch.where(allowed, bias, torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device))
 
     def _context(self, idx: int, layer: nn.Module, call: LayerCall) -> ScoreContext:
         state = self._state
@@ -627,7 +688,7 @@ class PruningHandle:
             adapter=self.adapter, layer=layer, layer_idx=idx, hidden=call.hidden, rope=call.rope,
             cols=state.cols, visual=state.visual, all_visual=state.visual, key_ok=key_ok,
             prompt_end=state.prompt_end, row_keys=_LazyRowKeys(lambda: self._row_keys(state), state.cols.shape[0]),
-            mask=call.mask,
+            mask=call.mask, key_bias=None if state.mass is None else state.mass.log(),
         )
 
     def _score_slots(self, ctx: ScoreContext) -> torch.Tensor:
@@ -660,6 +721,9 @@ class PruningHandle:
             new = new.expand(group.cols.shape[0], -1)
             group.kv = torch.cat([group.cols, new], dim=1)
             group.cols = group.kv if group.crop is None else group.kv[:, -group.crop:]
+            if group.mass is not None:
+                group.kv_mass = torch.cat([group.mass, torch.ones(new.shape, device=new.device)], dim=1)
+                group.mass = group.kv_mass if group.crop is None else group.kv_mass[:, -group.crop:]
             group.step, group.new, group.masks = state.step, new, {}
         state.step_kv[idx] = group.kv
         state.layer_cols[idx] = group.cols
@@ -669,7 +733,7 @@ class PruningHandle:
         mask = group.masks.get(dtype)
         if mask is None:
             allowed = self._allowed(state, group.new, group.kv, group.window)[:, None]
-            mask = group.masks[dtype] = self._format(allowed, dtype)
+            mask = group.masks[dtype] = self._format(allowed, dtype, group.kv_mass)
         return self.adapter.write_layer_call(args, kwargs, LayerCall(call.hidden, call.rope, call.position_ids, mask))
 
     def _kv_group(self, idx: int) -> _KVGroup:
@@ -688,7 +752,10 @@ class PruningHandle:
         key = (id(state.prefill_cols.get(idx)), crop, window)
         group = state.kv_groups.get(key)
         if group is None:
-            group = state.kv_groups[key] = _KVGroup(cols if crop is None else cols[:, -crop:], crop, window)
+            mass = state.prefill_mass.get(idx)
+            if mass is not None and crop is not None:
+                mass = mass[:, -crop:]
+            group = state.kv_groups[key] = _KVGroup(cols if crop is None else cols[:, -crop:], crop, window, mass=mass)
         state.layer_group[idx] = group
         return group
 

@@ -22,7 +22,7 @@ def plan_from_recipe(recipe: Recipe) -> PruningPlan:
                        recipe.selection.score_layer,
                        vision=make_rule(stage.rule, stage.params) if stage is not None else None,
                        vision_layer=stage.encoder_layer if stage is not None else None,
-                       images=recipe.selection.images)
+                       images=recipe.selection.images, merge_threshold=recipe.selection.merge_threshold)
 
 
 def check_recipe_matches(adapter: ModelAdapter, recipe: Recipe, allow_other_checkpoint: bool = False) -> None:

@@ -33,8 +33,7 @@ class DartRule(SelectionRule):
         return {"image_pivots": self.image_pivots, "text_pivots": self.text_pivots}
 
     def select(self, ctx: ScoreContext, k: int) -> Choice:
-        _, keys = ctx.query_key()
-        norms = keys.float().square().sum(dim=(1, 3))                        # (B, Lc) squared key L2 norm
+        norms = ctx.key_norms()                                               # (B, Lc) squared key L2 norm
         vis = ctx.visual_positions()
         batch, n = vis.shape
         image_pivots = min(self.image_pivots, k)

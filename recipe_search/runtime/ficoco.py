@@ -94,6 +94,7 @@ class FiCoCoLRule(_FiCoCo, SelectionRule):
     """
 
     name = "ficoco-l"
+    merges = True
 
     def __init__(self, gamma: float = 0.6, beta: float = 0.6, quantile: float = 0.998,
                  merge: str = "normalised") -> None:

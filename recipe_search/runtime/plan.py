@@ -28,7 +28,7 @@ class PruningPlan:
     vision: SelectionRule | None = None
     vision_layer: int | None = None
     images: str = "per-image"
-
+    merge_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.images not in ("per-image", "pooled"):
@@ -41,6 +41,11 @@ class PruningPlan:
             raise ValueError(f"selection rule {self.vision.name!r} runs in the LLM, not in the vision tower")
         if self.score_layer == "previous" and not isinstance(self.rule, ScoringRule):
             raise ValueError(f"selection rule {self.rule.name!r} does not rank tokens: it needs score_layer 'same'")
+        if self.merge_threshold is not None:
+            check_merge_threshold(self.merge_threshold)
+            if self.rule.merges:
+                raise ValueError(f"selection rule {self.rule.name!r} merges by its own weights: it takes no "
+                                 "merge_threshold")
         if any(b > a for a, b in zip(self.counts, self.counts[1:])):
             raise ValueError("schedule increases with depth: visual tokens kept must never grow")
         if any(c < 0 or c > self.visual_tokens for c in self.counts):
@@ -66,6 +71,13 @@ class PruningPlan:
     @classmethod
     def keep_all(cls, num_layers: int, visual_tokens: int, rule: SelectionRule) -> "PruningPlan":
         return cls(tuple([visual_tokens] * num_layers), visual_tokens, rule)
+
+
+def check_merge_threshold(value: float) -> float:
+    """A cosine-similarity threshold in (0, 1] (a lower one would merge unrelated tokens)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"merge_threshold: must be a cosine similarity in (0, 1], not {value!r}")
+    return float(value)
 
 
 def schedule_from_drops(num_layers: int, visual_tokens: int, drops: dict[int, int]) -> tuple[int, ...]:

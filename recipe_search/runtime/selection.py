@@ -44,6 +44,7 @@ class ScoreContext:
     prompt_end: int           # columns >= prompt_end are not part of the prompt (generated tokens)
     row_keys: list[int]       # a stable per-row identity (prompt content), for seeded rules
     mask: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None   # (B, Lc) log of the tokens each slot stands for (merged), or None
     _qk: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)  # rows and attention computed once per context
@@ -67,7 +68,7 @@ class ScoreContext:
             rope=None if self.rope is None else (self.rope[0][s], self.rope[1][s]), cols=self.cols[s],
             visual=candidates, all_visual=self.all_visual[s], key_ok=self.key_ok[s], prompt_end=self.prompt_end,
             row_keys=self.row_keys[s] if self.row_keys else [], mask=None if self.mask is None else self.mask[s],
-            _qk=(q[s], k[s]),
+            key_bias=None if self.key_bias is None else self.key_bias[s], _qk=(q[s], k[s]),
         )
 
     def visual_positions(self) -> torch.Tensor:
@@ -87,6 +88,15 @@ class ScoreContext:
             q, k = self.adapter.query_key(self.layer, self.hidden, self.rope)
             self._qk = (q.contiguous(), k.contiguous())
         return self._qk
+
+    def key_norms(self) -> torch.Tensor:
+        """(B, Lc) squared key L2 norm of every live token, summed over heads; from the keys if a rule
+        already made them, else from the key projection alone (`ModelAdapter.key_norms`)."""
+        if self._qk is not None:
+            return self._qk[1].float().square().sum(dim=(1, 3))
+        if "key_norms" not in self._memo:
+            self._memo["key_norms"] = self.adapter.key_norms(self.layer, self.hidden)
+        return self._memo["key_norms"]
 
     def _row_logits(self, rows: torch.Tensor, keys: int | None = None) -> torch.Tensor:
         """Logits (B, H, R, keys) of query rows `rows` against the first `keys` keys (all by default)."""
@@ -126,6 +136,8 @@ class ScoreContext:
         logits = self._row_logits(rows, keys)
         # adding a 0 / -inf bias is exact and, broadcast over heads, far faster than masked_fill on a CPU
         bias = torch.zeros(ok.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~ok, float("-inf"))
+        if self.key_bias is not None:  # merged slots weigh as the tokens they stand for, as the layer sees them
+            bias += self.key_bias[:, None, :keys].to(bias.dtype)
         probs = torch.softmax(logits.add_(bias[:, None]), dim=-1)
         if not bool(ok.any(dim=-1).all()):
             probs = probs.nan_to_num_(0.0)  # a row with no key to attend to (a padding query)
@@ -310,6 +322,8 @@ class SelectionRule(ABC):
 
     name: ClassVar[str]
     stage: ClassVar[str] = "llm"
+    #: Whether its `Choice` carries merge weights of its own (then a plan's merge_threshold is refused).
+    merges: ClassVar[bool] = False
 
     def params(self) -> dict[str, Any]:
         return {}
