@@ -108,6 +108,10 @@ def bench_model(spec: str, args: argparse.Namespace, work: Path) -> ModelReport:
     assert base.accuracy is not None, f"{spec}: the eval data needs answers"
     report = ModelReport(Path(spec).name if spec != "demo" else "demo", adapter.dims().num_layers, stats.visual_tokens,
                          base.accuracy.overall, dict(base.accuracy.per_type), held_out.source, base.accuracy.total)
+    no_image = costs.fraction((0,) * adapter.dims().num_layers, "full")
+    report.notes.append(f"the text tokens alone cost {no_image:.1%} of the full-sequence FLOPs "
+                        f"({sum(costs.text_tokens) / len(costs.text_tokens):.1f} text tokens per prompt on average); "
+                        "a budget leaves the visual tokens only what is above that")
 
     def accuracy_of(recipe: Any) -> tuple[float, str]:
         got = measure(loaded, recipe, held_out, reference=base)
@@ -149,8 +153,10 @@ def bench_model(spec: str, args: argparse.Namespace, work: Path) -> ModelReport:
     for budget in budgets:
         ((recipe, seconds),) = search("auto", [budget])
         add(budget.text, "default (auto)", recipe, seconds, single_pair=False)
-        report.notes.append(f"default {budget.text}: {recipe.method.result['winner']['schedule']} x "
-                            f"{recipe.method.result['winner']['rule']}, {recipe.method.result['candidates_scored']} "
+        winner = recipe.method.result["winner"]
+        merged = "+merge" if winner.get("merge_threshold") is not None else ""
+        report.notes.append(f"default {budget.text}: {winner['schedule']} x "
+                            f"{winner['rule']}{merged}, {recipe.method.result['candidates_scored']} "
                             f"candidates, {seconds:.0f} s; search/validation agreement "
                             f"{recipe.method.result['agreement']:.1%} / {recipe.method.result['validation_agreement']:.1%}")
         attempt(budget, "fitprune", [("fitprune", lambda b=budget: search("fitprune", [b]))])
