@@ -71,16 +71,6 @@ class ModelReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _data(spec: str, calib_n: int, eval_n: int) -> tuple[Any, Any]:
-    from recipe_search.calibration import load_samples
-
-    if spec == "demo":
-        return load_samples("demo", calib_n, split="calib"), load_samples("demo", eval_n, split="eval")
-    folder = Path(spec).expanduser()
-    return (load_samples(str(folder / "calib.jsonl"), calib_n, split="calib"),
-            load_samples(str(folder / "eval.jsonl"), eval_n, split="eval"))
-
-
 def bench_model(spec: str, args: argparse.Namespace, work: Path) -> ModelReport:
     from recipe_search.budget import parse_budgets
     from recipe_search.calibration import calibrate
@@ -94,12 +84,13 @@ def bench_model(spec: str, args: argparse.Namespace, work: Path) -> ModelReport:
     from recipe_search.models.loading import load_model
     from recipe_search.pipeline import LoadedModel, SearchOptions, search_recipes
     from recipe_search.recipe.rules import with_rule
+    from trained_models import data_for  # scripts/trained_models.py
     from recipe_search.runtime import make_rule
 
     path = demo_checkpoint() if spec == "demo" else Path(spec).expanduser()
     model, processor, adapter = load_model(path)
     loaded = LoadedModel(model, processor, adapter, spec)
-    calib, held_out = _data(spec, args.calib_samples, args.eval_samples)
+    calib, held_out = data_for(spec, args.calib_samples, args.eval_samples)
     budgets = parse_budgets(args.budgets)
     cache = work / "cache"
     stats, _ = calibrate(model, processor, adapter, calib, cache_dir=cache, progress=False)

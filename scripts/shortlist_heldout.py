@@ -39,23 +39,15 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
-    from recipe_search.api import load
     from recipe_search.budget import parse_budgets
-    from recipe_search.calibration import load_samples
     from recipe_search.measure import measure
     from recipe_search.methods.objective import candidate_plan
     from recipe_search.pipeline import SearchOptions, search_recipes
 
+    from trained_models import model_and_data
+
     hf_logging.set_verbosity_error()
-    if args.model == "demo":
-        loaded = load("demo")
-        calib = load_samples("demo", args.calib_samples, split="calib")
-        held = load_samples("demo", args.eval_samples, split="eval")
-    else:
-        folder = Path(args.model).expanduser()
-        loaded = load(str(folder))
-        calib = load_samples(str(folder / "calib.jsonl"), args.calib_samples, split="calib")
-        held = load_samples(str(folder / "eval.jsonl"), args.eval_samples, split="eval")
+    loaded, calib, held = model_and_data(args.model, args.calib_samples, args.eval_samples)
     base = measure(loaded, None, held)
     assert base.accuracy is not None, "the held-out data needs answers"
     work = Path(tempfile.mkdtemp(prefix="shortlist-"))
