@@ -14,7 +14,6 @@ that points at all the same way as some survivor. Prints the share of unpruned h
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -24,16 +23,14 @@ import torch
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trained_models import add_model_options, model_and_data  # noqa: E402  (scripts/, beside this file)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--budgets", default="50%,25%,12.5%")
+    add_model_options(parser, calib_samples=64)
     parser.add_argument("--rules", default="fitprune,dart")
     parser.add_argument("--thresholds", default="off,1e-6,0.85,0.9,0.95")
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--eval-samples", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("RECIPE_SEARCH_THREADS", "1")))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -42,8 +39,6 @@ def main() -> int:
     from recipe_search.measure import measure
     from recipe_search.methods.objective import candidate_plan
     from recipe_search.pipeline import search_recipes
-
-    from trained_models import model_and_data
 
     hf_logging.set_verbosity_error()
     loaded, calib, held = model_and_data(args.model, args.calib_samples, args.eval_samples)

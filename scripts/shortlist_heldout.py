@@ -15,7 +15,6 @@ eval.jsonl). One torch thread by default.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,16 +24,14 @@ import torch
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trained_models import add_model_options, model_and_data  # noqa: E402  (scripts/, beside this file)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--budgets", default="50%,25%,12.5%")
-    parser.add_argument("--calib-samples", type=int, default=128)
-    parser.add_argument("--eval-samples", type=int, default=1000)
+    add_model_options(parser, calib_samples=128)
     parser.add_argument("--validation-share", type=float, default=None,
                         help="share of the calibration samples kept for validation (default: the search's)")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("RECIPE_SEARCH_THREADS", "1")))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -43,8 +40,6 @@ def main() -> int:
     from recipe_search.measure import measure
     from recipe_search.methods.objective import candidate_plan
     from recipe_search.pipeline import SearchOptions, search_recipes
-
-    from trained_models import model_and_data
 
     hf_logging.set_verbosity_error()
     loaded, calib, held = model_and_data(args.model, args.calib_samples, args.eval_samples)

@@ -2,8 +2,19 @@
 scripts/train_second_model.py (a checkpoint plus calib.jsonl and eval.jsonl)."""
 from __future__ import annotations
 
+import argparse
+import os
 from pathlib import Path
 from typing import Any
+
+
+def add_model_options(parser: argparse.ArgumentParser, calib_samples: int) -> None:
+    """The options every quality script shares: which model, budgets, sample counts, threads."""
+    parser.add_argument("--model", default="demo", help="'demo' or a scripts/train_second_model.py folder")
+    parser.add_argument("--budgets", default="50%,25%,12.5%")
+    parser.add_argument("--calib-samples", type=int, default=calib_samples)
+    parser.add_argument("--eval-samples", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("RECIPE_SEARCH_THREADS", "1")))
 
 
 def data_for(spec: str, calib_n: int, eval_n: int) -> tuple[Any, Any]:
