@@ -104,10 +104,11 @@ def _search_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-budget", type=float, default=600.0,
                    help="auto: seconds for the whole search over every budget (default: 600; the demo at three "
                         "budgets needs about two minutes); the best recipe found in time is written")
-    g.add_argument("--merge-threshold", type=_merge_threshold, default=0.9, metavar="COSINE|off",
-                   help="auto: also try its best candidates with every dropped token whose cosine similarity to a "
-                        "survivor reaches this merged into it, attention weighing merged tokens by how many they "
-                        "stand for (default: 0.9; 'off': plain dropping only); the winner's value is recorded")
+    g.add_argument("--merge-threshold", type=_merge_threshold, default=None, metavar="COSINE|off",
+                   help="merge every dropped token whose cosine similarity to a survivor reaches this into it, "
+                        "attention weighing merged tokens by how many they stand for. auto tries its candidates "
+                        "with and without it (default 0.9; 'off': plain dropping only); other methods write it "
+                        "into their recipes when given (default: no merging); recorded in the recipe")
     g.add_argument("--search-set", default=None,
                    help="samples the schedules are scored on: 'demo', .jsonl or dataset folder (default: the "
                         "calibration samples); for auto, the validation samples that pick the winner")
@@ -414,13 +415,16 @@ def _run_search(argv: Sequence[str]) -> int:
     if args.rule is not None:
         from .runtime.selection import make_rule
 
-        make_rule(args.rule)
+        if make_rule(args.rule).merges and isinstance(args.merge_threshold, float):
+            raise ValueError(f"--merge-threshold: rule {args.rule!r} merges by its own weights; use another "
+                             "rule or drop the threshold")
 
     from .calibration import load_samples
     from .pipeline import SearchOptions, search_recipes
     from .plot import plot_history, plot_retention
     from .recipe import load_recipe, save_recipe, write_atomic
     from .methods import METHODS
+    from .methods.auto import MERGE_THRESHOLD
     from .methods.psigmoid import fit_to_curve
 
     out = Path(args.out)
@@ -441,11 +445,14 @@ def _run_search(argv: Sequence[str]) -> int:
             n_trials=args.n_trials, n_startup=args.n_startup, seed=args.seed, storage=args.storage,
             resume=args.resume, n_workers=args.n_workers, warm_start=warm_start, work_dir=out,
             batch_size=args.batch_size, images=args.images, progress=bar.update, time_budget=args.time_budget,
-            merge_threshold=args.merge_threshold,
+            merge_threshold=(MERGE_THRESHOLD if args.merge_threshold is None
+                             else None if args.merge_threshold == "off" else args.merge_threshold),
         )
         outcome = search_recipes(loaded, calib, budgets, method=args.method, options=options, search_set=search_set,
                                  model_source=session.source, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                                 batch_size=args.batch_size, progress=not args.quiet, rule=args.rule)
+                                 batch_size=args.batch_size, progress=not args.quiet, rule=args.rule,
+                                 merge_threshold=args.merge_threshold if isinstance(args.merge_threshold, float)
+                                 else None)
     name = Path(loaded.name_or_path).name or "model"
     if args.rule:
         name = f"{name}-{args.rule}"
@@ -474,10 +481,10 @@ def _run_search(argv: Sequence[str]) -> int:
     return 0
 
 
-def _merge_threshold(text: str) -> float | None:
+def _merge_threshold(text: str) -> float | str:
     """--merge-threshold: a cosine similarity in (0, 1], or 'off'."""
     if text.strip().lower() == "off":
-        return None
+        return "off"
     from .runtime.plan import check_merge_threshold
 
     try:

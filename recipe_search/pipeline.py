@@ -22,7 +22,7 @@ from .methods import METHODS, SearchResult
 from .methods import auto, gsearch, psigmoid
 from .methods.objective import Evaluation, ScheduleScorer
 from .methods.optimizers import default_storage, make_backend, optimizer_name
-from .recipe.rules import with_rule
+from .recipe.rules import with_merge_threshold, with_rule
 from .stats import CalibrationStats
 
 
@@ -268,11 +268,13 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
                    method: str = "auto", options: SearchOptions = SearchOptions(),
                    search_set: SampleSet | None = None, model_source: str | None = None,
                    cache_dir: Path | None = None, batch_size: int = 8, progress: bool = True,
-                   rule: str | None = None) -> SearchOutcome:
+                   rule: str | None = None, merge_threshold: float | None = None) -> SearchOutcome:
     """One calibration pass (or cache hit), then one search and one recipe per budget.
 
     `rule` names a selection rule: the only one auto, G-Search and P-Sigmoid search with, and the one
     that replaces the method's own in every other method's recipes (recipe/rules.py).
+    `merge_threshold` puts near-duplicate merging into the recipes of every method but auto, which
+    searches it (`options.merge_threshold`).
 
     `budgets` is ignored (one recipe) for budgetless methods. Methods that score on model outputs
     (auto, G-Search, P-Sigmoid) score on a search part and check on a validation part whose answers
@@ -326,4 +328,6 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
                for rec, (_, res) in zip(recipes, results)]
     if rule is not None and method not in ("auto", "psigmoid", "gsearch"):
         recipes = [with_rule(r, loaded.adapter, costs, rule) for r in recipes]
+    if merge_threshold is not None and method != "auto":
+        recipes = [with_merge_threshold(r, merge_threshold) for r in recipes]
     return SearchOutcome(stats, cached, costs, recipes, [r for _, r in results])

@@ -95,3 +95,20 @@ def test_interrupt_writes_nothing(random_checkpoint, tmp_path, capsys, monkeypat
     code = main(["--model", str(random_checkpoint), "--eval", "none", "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 130 and "interrupted" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.json"))
+
+
+def test_merge_threshold_goes_into_any_methods_recipes(random_checkpoint, tmp_path, capsys):
+    common = ["--model", str(random_checkpoint), "--budget", "25%", "--method", "fitprune", "--num-samples", "4",
+              "--cache-dir", str(tmp_path / "cache"), "--eval", "none", "--no-timing", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert load_recipe(next((tmp_path / "plain").glob("*.json"))).selection.merge_threshold is None
+    assert main([*common, "--out", str(tmp_path / "merged"), "--merge-threshold", "0.8"]) == 0
+    assert load_recipe(next((tmp_path / "merged").glob("*.json"))).selection.merge_threshold == 0.8
+    capsys.readouterr()
+    _one_line_error(capsys, main([*common, "--out", str(tmp_path / "x"), "--rule", "ficoco-l", "--merge-threshold",
+                                  "0.8"]), "--merge-threshold: rule 'ficoco-l' merges by its own weights")
+    with pytest.raises(SystemExit) as exc:  # argparse's own usage error: usage, then the one line naming it
+        main([*common, "--merge-threshold", "1.5"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].endswith("--merge-threshold: expected a cosine similarity in (0, 1] or 'off', got '1.5'")

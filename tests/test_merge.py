@@ -161,7 +161,7 @@ def test_format_2_recipes_load_without_merging(tmp_path, llava_sdpa):
 def test_command_line_threshold():
     from recipe_search.cli import _merge_threshold
 
-    assert _merge_threshold("off") is None and _merge_threshold("0.8") == 0.8
+    assert _merge_threshold("off") == "off" and _merge_threshold("0.8") == 0.8
     for bad in ("0", "2", "most"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected a cosine similarity in"):
             _merge_threshold(bad)

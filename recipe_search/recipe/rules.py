@@ -18,7 +18,7 @@ from ..flops import CostModel, VisionCost
 from ..models import ModelAdapter
 from .build import with_vision_costs
 from .schema import Recipe, Schedule, VisionSelection
-from ..runtime.plan import pre_llm_counts
+from ..runtime.plan import check_merge_threshold, pre_llm_counts
 from ..runtime.selection import ScoringRule, make_rule
 from ..runtime.vision import resolve_encoder_layer
 
@@ -42,3 +42,13 @@ def with_rule(recipe: Recipe, adapter: ModelAdapter, costs: CostModel, name: str
     return replace(recipe, vision=VisionSelection(rule.name, rule.params(), layer), method=method,
                    schedule=Schedule(n, counts, [c / n for c in counts]),
                    budget=with_vision_costs(recipe.budget, counts, costs, VisionCost(layout, layer)))
+
+
+def with_merge_threshold(recipe: Recipe, threshold: float) -> Recipe:
+    """`recipe` with near-duplicate drops merged into survivors at `threshold` (runtime/plan.py); one-line
+    ValueError for a threshold outside (0, 1] or a rule that merges by its own weights."""
+    check_merge_threshold(threshold)
+    if make_rule(recipe.selection.rule, recipe.selection.params).merges:
+        raise ValueError(f"--merge-threshold: rule {recipe.selection.rule!r} merges by its own weights; "
+                         "use another rule or drop the threshold")
+    return replace(recipe, selection=replace(recipe.selection, merge_threshold=float(threshold)))
