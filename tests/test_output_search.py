@@ -72,7 +72,7 @@ def test_other_rules_score_like_a_direct_pruned_run(loaded, search_set, scorer, 
     """Another rule never resumes from the scorer's own rule's cached prefix; a pre-LLM stage runs the model."""
     counts = (144, 144, 90, 90, 90, 90, 90, 90) if vision is None else (90,) * 8
     scorer.evaluate((144, 144, 90, 90, 90, 90, 90, 90))  # the scorer's own rule leaves a prefix (144, 144, 90)
-    plan = scorer.plan(counts, make_rule(rule) if rule else None, vision=make_rule(vision) if vision else None)
+    plan = scorer.rule_plan(counts, rule or vision)
     got = scorer._logits(0, scorer.batches[0], plan)
     chunk = search_set.samples[:6]
     inputs = loaded.adapter.build_inputs(loaded.processor, [s.image for s in chunk], [s.prompt for s in chunk])

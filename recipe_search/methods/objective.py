@@ -146,16 +146,13 @@ class ScheduleScorer:
             _, (old, _) = self._cache.popitem(last=False)
             self._cached_bytes -= old.numel() * old.element_size()
 
-    def plan(self, counts: tuple[int, ...], rule: SelectionRule | None = None, score_layer: str | None = None,
-             vision: SelectionRule | None = None) -> PruningPlan:
+    def plan(self, counts: tuple[int, ...], rule: SelectionRule | None = None,
+             score_layer: str | None = None) -> PruningPlan:
         """The runtime plan of `counts` under a rule (default: the scorer's own, at its score layer; another
-        rule scores at the same layer unless told) and an optional pre-LLM stage."""
-        llm_rule = rule or self.rule
-        if vision is not None and rule is None:
-            llm_rule = make_rule("fitprune")  # a pre-LLM stage needs a rule for later drops: the default one
-        own = rule is None and vision is None
-        return PruningPlan(counts, self.visual_tokens, llm_rule, score_layer or (self.score_layer if own else "same"),
-                           vision=vision, images=self.images)
+        rule scores at the same layer unless told); `rule_plan` for a rule or variant by name."""
+        own = rule is None
+        return PruningPlan(counts, self.visual_tokens, rule or self.rule,
+                           score_layer or (self.score_layer if own else "same"), images=self.images)
 
     def rule_plan(self, counts: tuple[int, ...] | list[int], name: str) -> PruningPlan:
         """`candidate_plan` for this scorer's token count and image policy."""

@@ -423,10 +423,10 @@ class PruningHandle:
         hidden = call.hidden
         keep = self._keep(idx, layer, call)
         if keep is not None:
-            hidden, order = self._compact(hidden, *keep)
+            hidden, order, rewritten = self._compact(hidden, *keep)
             state.pruning_started = True
             state.live = _unit_sizes(state.unit)
-            if self._reuse.noted and not keep[1] and self.plan.merge_threshold is None:
+            if self._reuse.noted and not rewritten:
                 self._reuse.arm(order)  # merged survivors have new states: nothing to reuse then
         self._reuse.noted.clear()
         state.pending_scores = None
@@ -541,11 +541,13 @@ class PruningHandle:
             merges.append((row, survivors, slots, choice.merge[0]))
 
     def _compact(self, hidden: torch.Tensor, keep: torch.Tensor,
-                 merges: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 merges: list | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Keep the surviving slots of every row in order, left-padding shorter rows; apply merges.
-        Returns the new hidden states and, for each new slot, the old slot it came from."""
+        Returns the new hidden states, for each new slot the old slot it came from, and whether any
+        survivor's state was rewritten (by the rule's merges or the plan's merge threshold)."""
         state = self._state
         assert state is not None and state.cols is not None and state.visual is not None and state.unit is not None
+        given = hidden
         if merges:
             hidden = hidden.clone()
             for row, survivors, slots, weights in merges:
@@ -562,11 +564,12 @@ class PruningHandle:
             state.mass = torch.where(real, state.mass.gather(1, order), 1.0)
         state.layout += 1
         state.gathered.clear()
-        return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1])), order
+        return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1])), order, hidden is not given
 
     def _merge_similar(self, hidden: torch.Tensor, keep: torch.Tensor, threshold: float) -> torch.Tensor:
         """Merge each dropped visual slot into the most similar survivor of its unit when their cosine
-        similarity reaches `threshold`: the survivor becomes the mass-weighted mean and adds the mass."""
+        similarity reaches `threshold`: the survivor becomes the mass-weighted mean and adds the mass.
+        Returns `hidden` itself when nothing merged, else a rewritten copy."""
         state = self._state
         assert state is not None and state.visual is not None and state.unit is not None
         mass = state.mass if state.mass is not None else torch.ones(keep.shape, device=hidden.device)
@@ -664,18 +667,12 @@ class PruningHandle:
                 mass: torch.Tensor | None = None) -> torch.Tensor:
         """A boolean (B, 1, q, kv) mask in the format of the model's own (bool, or additive float);
         with `mass` (B, kv), an additive float mask carrying log(mass) on every allowed key."""
-        if mass is None:
-            if dtype is None:
-                if self.attn_impl == "sdpa":
-                    return allowed
-                dtype = self.adapter.decoder().dtype
-            if dtype == torch.bool:
-                return allowed
-            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-                ~allowed, torch.finfo(dtype).min)
+        if mass is None and (dtype == torch.bool or (dtype is None and self.attn_impl == "sdpa")):
+            return allowed
         if dtype is None or dtype == torch.bool:
             dtype = self.adapter.decoder().dtype
-        bias = mass.log().to(dtype)[:, None, None, :].expand(allowed.shape)
+        bias = (torch.zeros((), dtype=dtype, device=allowed.device) if mass is None
+                else mass.log().to(dtype)[:, None, None, :])
         return torch.where(allowed, bias, torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device))
 
     def _context(self, idx: int, layer: nn.Module, call: LayerCall) -> ScoreContext:
