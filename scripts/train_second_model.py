@@ -74,13 +74,11 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer() -> Any:
     """Word-level tokenizer: every world word is one token, so every answer is one token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *ROLE_WORDS, *world.vocabulary()])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    from recipe_search.demo.build import word_level
+
+    tok, _ = word_level([*SPECIAL_TOKENS, *ROLE_WORDS, *world.vocabulary()], UNK)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, eos_token=END, unk_token=UNK, padding_side="left",

@@ -41,12 +41,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: every world word is one token, so answers are single tokens."""
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *ROLE_WORDS, *world.vocabulary()])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+def word_level(words: list[str], unk: str) -> tuple[Tokenizer, dict[str, int]]:
+    """A tokenizer with one token per word (ids in the order given), split on whitespace, decoded
+    with spaces between words; and its vocabulary. The synthetic worlds' answers are single words."""
+    vocab = {tok: i for i, tok in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return tok, vocab
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: every world word is one token, so answers are single tokens."""
+    tok, vocab = word_level([*SPECIAL_TOKENS, *ROLE_WORDS, *world.vocabulary()], UNK)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
