@@ -187,7 +187,8 @@ def schedules(adapter: Any, budgets: list[str], defaults: set[str]) -> tuple[lis
 def scoring_share(config: Config, dims: Any, costs: Any, vision: Any) -> float:
     """MACs the rule spends selecting, over the MACs the prediction counts for the configuration: at each cut,
     the projections the rule reads that the layer does not reuse (the dropped tokens' queries and keys;
-    DART reads keys only; with merging no projection is reused, since merged survivors have new states),
+    DART reads keys only; with merging counted as if no projection were reused, an upper bound: reuse is
+    lost only at cuts where a survivor absorbed a token and so has a new state),
     for FitPrune the logits of its query rows (visual rows over the keys before them, post-image text rows
     over every key), for DART the cosine similarity of its 8 pivots to the live tokens, and for merging
     the cosine similarity of every dropped token to every survivor."""
