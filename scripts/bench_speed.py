@@ -11,8 +11,8 @@ Timing needs no trained weights, so the model is built from a config and never d
 
 Schedules (how each was made, no calibration of the medium model is needed for timing):
   keep-all  576 visual tokens at every layer, FitPrune rule (only the top-level hook runs, nothing drops)
-  fitprune  FitPrune's search (recipe_search.methods.search_fitprune) at the budget, with the medium
-            model's CostModel (formula 'full'), on *real* attention statistics: the embedded demo model's
+  fitprune  FitPrune's search (recipe_search.methods.search_fitprune, its default min_cut) at the budget,
+            with the medium model's CostModel (formula 'full'), on *real* attention statistics: the embedded demo model's
             calibration (64 samples, trained weights), each layer's per-token statistics resampled to
             576 tokens with the calibration's mass-preserving resampling and the demo's 8 layers mapped
             onto this model's layers (nearest layer); FitPrune rule, scored at the same layer
@@ -32,6 +32,10 @@ directly follows an untimed run of the same configuration (without it, a full-si
 a small one paid for regrowing the heap). Each row gives the median over rounds, min and max, wall and
 CPU time; its speed-up is median bare / median configuration, and "paired" is the median over rounds of
 the speed-up against that round's bare run.
+
+Deep: batch-1 prefills of the same configurations on the same shape at 32 layers (LLaVA-1.5-7B's
+depth; --deep-layers, --deep-rounds): a cut's scoring pass is paid once whatever the depth, so its
+share of the prefill, and the number of cuts FitPrune's schedule makes, depend on it.
 
 Decode: greedy generate() of exactly 128 new tokens at batch 1 and 8, bare and pruned interleaved;
 tokens/s counts decode steps only; KV-cache bytes after prefill; peak memory (VmHWM); and the bytes a
@@ -291,6 +295,64 @@ def interleaved(model: Any, adapter: Any, rows: list[Row], plans: dict[str, Any]
             row.cpu.append(c)
             row.hooks.append(h)
         log(f"  round {r + 1}/{rounds}: bare {bare.wall[-1]:.3f} s")
+
+
+def cut_count(counts: tuple[int, ...] | None, visual_tokens: int) -> int:
+    """Layers where the count drops (each pays one scoring pass of the rule)."""
+    return sum(1 for i, c in enumerate(counts or ()) if c < (counts[i - 1] if i else visual_tokens))
+
+
+def make_plans(configs: list[Config], n: int, bounds_text: str) -> tuple[dict[str, Any], list[Config]]:
+    """Plans of every configuration, and the random-rule twins of the `bounds_text` schedules (with theirs)."""
+    plans: dict[str, Any] = {"bare": None}
+    for c in configs:
+        plans[c.name] = plan_for(c.counts, n, c.rule, c.merge_threshold)
+    names = {f"{kind} {b}" for b in bounds_text.split(",") if b for kind in ("fitprune", "uniform")}
+    bounds = [Config(c.name + " (random rule)", c.counts, "", c.predicted, "random") for c in configs if c.name in names]
+    for c in bounds:
+        plans[c.name] = plan_for(c.counts, n, "random")
+    return plans, bounds
+
+
+def prefill_section(model: Any, adapter: Any, configs: list[Config], plans: tuple[dict[str, Any], list[Config]],
+                    n: int, batch: int, rounds: int, label: str, floors: dict[str, float],
+                    log: Callable[[str], None], emit: Callable[[str], None]) -> None:
+    """One interleaved prefill table (with the random-rule twins at batch 1), the FitPrune rule's selection
+    cost, and the section's floor values under keys "b{batch}{label} ..."."""
+    plans, bounds = plans
+    inputs = make_inputs(batch)
+    timed_configs = [Config("bare", None, "", 1.0), *configs, *(bounds if batch == 1 else [])]
+    rows = [Row(c, [], []) for c in timed_configs]
+    log(f"prefill{label}, batch {batch}: {len(rows)} configurations x {rounds} rounds")
+    interleaved(model, adapter, rows, plans, lambda: _forward(model, inputs), rounds, log)
+    lines, ratios = prefill_table(rows)
+    emit()
+    emit(f"## Prefill{label}, batch {batch} ({rounds} interleaved rounds; wall clock, CPU time alongside)")
+    emit()
+    for line in lines:
+        emit(line)
+    scoring = [(r, next((b for b in rows if b.config.name == r.config.name + " (random rule)"), None)) for r in rows]
+    scoring = [(r, b) for r, b in scoring if b is not None]
+    if scoring:
+        emit()
+        emit("What the FitPrune rule's selection costs (its row minus the same schedule with the random rule; "
+             "cuts = layers where the count drops):")
+        emit()
+        emit("| schedule | cuts | selection ms (median) | share of the configuration's time |")
+        emit("|---|---:|---:|---:|")
+        for r, b in scoring:
+            extra = statistics.median(r.wall) - statistics.median(b.wall)
+            emit(f"| {r.config.name} | {cut_count(r.config.counts, n)} | {extra * 1000:.0f} | "
+                 f"{extra / statistics.median(r.wall):.1%} |")
+    key = f"b{batch}{label}"
+    floors[f"{key} keep-all overhead: time in its hooks / bare"] = ratios["keep-all hooks"]
+    floors[f"{key} keep-all overhead"] = 1 / (ratios["keep-all"]) - 1
+    floors[f"{key} keep-all overhead cpu"] = 1 / (ratios["keep-all cpu"]) - 1
+    for name in ("fitprune 50%", "fitprune 25%", "default 50%", "default 25%", "uniform 50%", "uniform 25%",
+                 "fitprune 50% (random rule)", "fitprune 25% (random rule)"):
+        if name in ratios:
+            floors[f"{key} {name} meas/pred"] = ratios[name]
+            floors[f"{key} {name} meas/pred cpu"] = ratios[name + " cpu"]
 
 
 def prefill_table(rows: list[Row]) -> tuple[list[str], dict[str, float]]:
@@ -673,6 +735,9 @@ def main() -> int:
     parser.add_argument("--defaults", default="50%,25%", help="budgets at which the default recipe is timed too")
     parser.add_argument("--bounds", default="50%,25%",
                         help="budgets whose schedules are also timed with the random rule (no scoring cost), batch 1")
+    parser.add_argument("--deep-layers", type=int, default=32,
+                        help="also time batch-1 prefills on a model this deep (LLaVA-1.5-7B's 32; 0: skip)")
+    parser.add_argument("--deep-rounds", type=int, default=3, help="interleaved rounds on the deep model")
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--decode-batches", default="1,8")
     parser.add_argument("--decode-rounds", type=int, default=2)
@@ -694,7 +759,7 @@ def main() -> int:
     if args.quick:
         args.layers, args.batches, args.rounds, args.decode_tokens, args.budgets = 4, "1", 2, 16, "50%,25%"
         args.decode_batches, args.decode_rounds, args.calib_rounds, args.calib_samples = "1", 1, 1, 4
-        args.share_rounds, args.repeat_calls = 1, 2
+        args.share_rounds, args.repeat_calls, args.deep_layers, args.deep_rounds = 1, 2, 6, 1
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
@@ -755,49 +820,29 @@ def main() -> int:
          "reused by the layer, the dropped ones' are extra) and, for FitPrune, computes the attention rows of "
          "the visual and text queries. Rows marked `(random rule)` run the same schedule with the seeded random "
          "rule, whose selection costs nothing: what the hardware gives that schedule without any scoring.")
-    plans: dict[str, Any] = {"bare": None}
-    for c in configs:
-        plans[c.name] = plan_for(c.counts, n, c.rule, c.merge_threshold)
-    bound_names = {f"{kind} {b}" for b in args.bounds.split(",") if b for kind in ("fitprune", "uniform")}
-    bounds = [Config(c.name + " (random rule)", c.counts, "", c.predicted, "random")
-              for c in configs if c.name in bound_names]
-    for c in bounds:
-        plans[c.name] = plan_for(c.counts, n, "random")
+    timing_plans = make_plans(configs, n, args.bounds)
+    plans = timing_plans[0]
     floors: dict[str, float] = {}
     for batch in [int(b) for b in args.batches.split(",") if b]:
-        rounds = args.rounds if batch == 1 else args.rounds_b8
-        inputs = make_inputs(batch)
-        timed_configs = [Config("bare", None, "", 1.0), *configs, *(bounds if batch == 1 else [])]
-        rows = [Row(c, [], []) for c in timed_configs]
-        log(f"prefill, batch {batch}: {len(rows)} configurations x {rounds} rounds")
-        interleaved(model, adapter, rows, plans, lambda inputs=inputs: _forward(model, inputs), rounds, log)
-        lines, ratios = prefill_table(rows)
+        prefill_section(model, adapter, configs, timing_plans, n, batch, args.rounds if batch == 1 else args.rounds_b8,
+                        "", floors, log, emit)
+    if args.deep_layers:
+        deep = build_model(args.deep_layers)
+        deep_adapter = get_adapter(deep)
+        deep_configs, _, _ = schedules(deep_adapter, [b for b in args.budgets.split(",") if b],
+                                       {b for b in args.defaults.split(",") if b})
         emit()
-        emit(f"## Prefill, batch {batch} ({rounds} interleaved rounds; wall clock, CPU time alongside)")
+        depth = " (LLaVA-1.5-7B's depth)" if args.deep_layers == 32 else ""
+        emit(f"## Schedules of the {args.deep_layers}-layer model{depth}, otherwise the same shape")
         emit()
-        for line in lines:
-            emit(line)
-        scoring = [(r, next((b for b in rows if b.config.name == r.config.name + " (random rule)"), None)) for r in rows]
-        scoring = [(r, b) for r, b in scoring if b is not None]
-        if scoring:
-            emit()
-            emit("What the FitPrune rule's selection costs (its row minus the same schedule with the random rule; "
-                 "cuts = layers where the count drops):")
-            emit()
-            emit("| schedule | cuts | selection ms (median) | share of the configuration's time |")
-            emit("|---|---:|---:|---:|")
-            for r, b in scoring:
-                cuts = sum(1 for i, c in enumerate(r.config.counts) if c < (r.config.counts[i - 1] if i else n))
-                extra = statistics.median(r.wall) - statistics.median(b.wall)
-                emit(f"| {r.config.name} | {cuts} | {extra * 1000:.0f} | {extra / statistics.median(r.wall):.1%} |")
-        floors[f"b{batch} keep-all overhead: time in its hooks / bare"] = ratios["keep-all hooks"]
-        floors[f"b{batch} keep-all overhead"] = 1 / (ratios["keep-all"]) - 1
-        floors[f"b{batch} keep-all overhead cpu"] = 1 / (ratios["keep-all cpu"]) - 1
-        for name in ("fitprune 50%", "fitprune 25%", "default 50%", "default 25%", "uniform 50%", "uniform 25%",
-                     "fitprune 50% (random rule)", "fitprune 25% (random rule)"):
-            if name in ratios:
-                floors[f"b{batch} {name} meas/pred"] = ratios[name]
-                floors[f"b{batch} {name} meas/pred cpu"] = ratios[name + " cpu"]
+        emit("| configuration | visual tokens entering each layer | cuts | rule | predicted speed-up |")
+        emit("|---|---|---:|---|---:|")
+        for c in deep_configs:
+            emit(f"| {c.name} | {' '.join(map(str, c.counts))} | {cut_count(c.counts, n)} | {c.rule} | "
+                 f"{c.predicted:.3f}x |")
+        prefill_section(deep, deep_adapter, deep_configs, make_plans(deep_configs, n, args.bounds), n, 1,
+                        args.deep_rounds, f" ({args.deep_layers} layers)", floors, log, emit)
+        del deep, deep_adapter
 
     # decode
     decode_cfgs = [c for c in configs if c.name in ("fitprune 50%", "uniform 25%")]

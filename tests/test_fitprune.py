@@ -5,6 +5,7 @@ from recipe_search.budget import parse_budget
 from recipe_search.flops import CostModel
 from recipe_search.models import ModelDims
 from recipe_search.methods import InfeasibleBudgetError, fit_schedule, search_fitprune
+from recipe_search.methods.fitprune import MIN_CUT
 from recipe_search.stats import CalibrationStats
 
 DIMS = ModelDims(num_layers=8, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32)
@@ -29,10 +30,12 @@ def setup():
 
 @pytest.mark.parametrize("budget", ["90%", "50%", "25%", "12.5%", "64tok", "10tok"])
 @pytest.mark.parametrize("formula", ["full", "visual"])
-def test_written_schedule_meets_budget(setup, budget, formula):
+@pytest.mark.parametrize("min_cut", [0.0, MIN_CUT])
+def test_written_schedule_meets_budget(setup, budget, formula, min_cut):
     stats, costs = setup
     b = parse_budget(budget, formula)
-    result = search_fitprune(stats, b, costs)
+    result = search_fitprune(stats, b, costs, min_cut=min_cut)
+    assert result.params["min_cut"] == min_cut
     counts = result.counts
     assert b.is_met(counts, costs)
     assert all(x >= y for x, y in zip(counts, counts[1:])) and counts[0] <= 144
@@ -50,7 +53,8 @@ def test_bisection_keeps_last_feasible_alpha(setup):
     assert max(infeasible) < result.result["alpha"] <= max(infeasible) + 0.002
     # the kept schedule is the fit at the kept alpha, not the last iterate
     limit = 0.4 * costs.unpruned("full")
-    assert fit_schedule(stats, result.result["alpha"], costs.table("full"), limit) == result.counts
+    assert fit_schedule(stats, result.result["alpha"], costs.table("full"), limit,
+                        min_cut=result.params["min_cut"]) == result.counts
 
 
 def test_smaller_alpha_keeps_more_tokens(setup):
@@ -71,3 +75,26 @@ def test_infeasible_budget_is_explained(setup):
     stats, costs = setup
     with pytest.raises(InfeasibleBudgetError, match="cannot be met: dropping every visual token from layer 3"):
         search_fitprune(stats, parse_budget("30%"), costs, start_layer=3)
+
+
+def _cuts(counts, n=144):
+    """(live before, live after) at every layer where the count drops."""
+    return [(before, c) for before, c in zip((n, *counts), counts) if c < before]
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.3])
+def test_min_cut_waits_for_drops_worth_a_cut(setup, alpha):
+    stats, costs = setup
+    table = costs.table("full")
+    fit = fit_schedule(stats, alpha, table, 0.0)
+    held = fit_schedule(stats, alpha, table, 0.0, min_cut=0.2)
+    assert any(before - after < 0.2 * before for before, after in _cuts(fit))  # the plain fit has small cuts
+    assert all(before - after >= 0.2 * before for before, after in _cuts(held))
+    assert len(_cuts(held)) < len(_cuts(fit))
+    assert held[0] >= fit[0]  # a drop too small for a cut waits: layer 0 keeps at least the fit's count
+
+
+def test_min_cut_out_of_range_is_one_line(setup):
+    stats, costs = setup
+    with pytest.raises(ValueError, match=r"fitprune: min_cut must be in \[0, 1\), not 1.5"):
+        search_fitprune(stats, parse_budget("50%"), costs, min_cut=1.5)

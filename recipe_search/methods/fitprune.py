@@ -53,8 +53,10 @@ def _layer_costs(budget: Budget, costs: CostModel) -> np.ndarray:
 
 
 def fit_schedule(stats: CalibrationStats, alpha: float, layer_cost: np.ndarray, limit: float,
-                 start_layer: int = 0) -> tuple[int, ...]:
-    """The schedule FitPrune's fit gives for one alpha; `limit` is the allowed total cost."""
+                 start_layer: int = 0, min_cut: float = 0.0) -> tuple[int, ...]:
+    """The schedule FitPrune's fit gives for one alpha; `limit` is the allowed total cost. A layer
+    cuts only if the fit removes at least `min_cut` of its live visual tokens there; smaller drops
+    wait (their tokens stay live) until the removable ones add up, at a later layer."""
     samples, layers, n_vis = stats.cross.shape
     w_cross = stats.cross_mass().astype(np.float64) * (1 - alpha)   # (S, L) mass that must survive
     w_self = stats.self_mass().astype(np.float64) * (1 - alpha)
@@ -80,7 +82,7 @@ def fit_schedule(stats: CalibrationStats, alpha: float, layer_cost: np.ndarray, 
             ok = (rem_c >= w_cross[:, layer, None] - slack) & (rem_v >= w_self[:, layer, None] - slack)
             removable = ok.cumprod(axis=1).sum(axis=1) - 1  # largest k that keeps both masses
             k = int(np.floor(np.mean(np.maximum(removable, 0))))
-            if k:
+            if k and k >= min_cut * current:
                 drop = order[:, dead : dead + k]
                 np.put_along_axis(live, drop, False, axis=1)
                 current -= k
@@ -89,19 +91,28 @@ def fit_schedule(stats: CalibrationStats, alpha: float, layer_cost: np.ndarray, 
     return tuple(counts)
 
 
+#: FitPrune's default `min_cut`: a cut scores every live token (its N x N attention rows), which on a
+#: 32-layer model cost more than dropping a few tokens saves; see docs/performance.md.
+MIN_CUT = 0.1
+
+
 def search_fitprune(stats: CalibrationStats, budget: Budget, costs: CostModel, *, start_layer: int = 0,
-                    tolerance: float = 0.01) -> SearchResult:
-    """Bisect alpha to the smallest feasible value; raises InfeasibleBudgetError if none is."""
+                    tolerance: float = 0.01, min_cut: float = MIN_CUT) -> SearchResult:
+    """Bisect alpha to the smallest feasible value; raises InfeasibleBudgetError if none is.
+    `min_cut` (share of the live tokens a cut must remove, `fit_schedule`) is recorded in the params."""
     started = time.perf_counter()
+    if not 0.0 <= min_cut < 1.0:
+        raise ValueError(f"fitprune: min_cut must be in [0, 1), not {min_cut!r}")
     layer_cost = _layer_costs(budget, costs)
     if budget.kind == "tokens":
         limit = budget.value * stats.num_layers
     else:
         limit = budget.value * costs.unpruned(budget.formula)
-    params = {"start_layer": start_layer, "alpha_tolerance": tolerance, "fit_rule": "product-prefix"}
+    params = {"start_layer": start_layer, "alpha_tolerance": tolerance, "fit_rule": "product-prefix",
+              "min_cut": min_cut}
     feasible = lambda counts: budget.is_met(counts, costs)  # noqa: E731
     trace: list[dict[str, Any]] = []
-    best = fit_schedule(stats, 1.0, layer_cost, limit, start_layer)
+    best = fit_schedule(stats, 1.0, layer_cost, limit, start_layer, min_cut)
     if not feasible(best):
         raise InfeasibleBudgetError(
             f"budget {budget.text or budget.describe()} cannot be met: dropping every visual token from layer "
@@ -112,7 +123,7 @@ def search_fitprune(stats: CalibrationStats, budget: Budget, costs: CostModel, *
     best_alpha, lo, hi = 1.0, 0.0, 1.0
     while hi - lo > tolerance:
         mid = (lo + hi) / 2
-        counts = fit_schedule(stats, mid, layer_cost, limit, start_layer)
+        counts = fit_schedule(stats, mid, layer_cost, limit, start_layer, min_cut)
         ok = feasible(counts)
         trace.append({"alpha": mid, "achieved": budget.achieved(counts, costs), "feasible": ok})
         if ok:

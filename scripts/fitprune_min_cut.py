@@ -1,0 +1,113 @@
+"""What FitPrune's `min_cut` changes: schedules, cuts and held-out accuracy, with and without it.
+
+A cut scores every live visual token (the FitPrune rule reads N x N attention rows); `min_cut` makes
+a layer cut only when the fit removes at least that share of its live tokens there (smaller drops
+wait for a later layer), and the bisection on alpha then meets the budget with fewer cuts. This
+script runs FitPrune at each budget with min_cut 0 (the fit as published) and with the default,
+and measures both schedules with the FitPrune rule on the model's held-out questions. Schedules of
+the medium random-weight model of scripts/bench_speed.py (8 and 32 layers, the demo's statistics
+resampled) are listed too, with their cut counts; their prefill times are in bench_speed.
+
+    python scripts/fitprune_min_cut.py --model demo [--budgets 50%,25%,12.5%] [--eval-samples 1000]
+    python scripts/fitprune_min_cut.py --model ~/.cache/recipe-search/second-model
+    python scripts/fitprune_min_cut.py --medium-only
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def cuts(counts: tuple[int, ...], visual_tokens: int) -> int:
+    """Layers where the count drops (entering layer 0 counts when it keeps fewer than all)."""
+    return sum(1 for i, c in enumerate(counts) if c < (counts[i - 1] if i else visual_tokens))
+
+
+def medium(budgets: list, emit: "Callable[[str], None]") -> None:  # noqa: F821
+    import bench_speed  # scripts/bench_speed.py
+
+    from recipe_search.flops import CostModel
+    from recipe_search.methods import search_fitprune
+    from recipe_search.methods.fitprune import MIN_CUT
+    from recipe_search.models import get_adapter
+
+    emit("\n## Medium random-weight model (scripts/bench_speed.py), FitPrune on the demo's statistics\n")
+    emit("| layers | budget | min_cut | cuts | LM FLOPs (full) | alpha | visual tokens entering each layer |")
+    emit("|---:|---|---:|---:|---:|---:|---|")
+    for layers in (8, 32):
+        adapter = get_adapter(bench_speed.build_model(layers))
+        n = adapter.visual_tokens_per_image()
+        costs = CostModel(adapter.dims(), n, (bench_speed.text_tokens(),))
+        stats = bench_speed.demo_statistics(layers, n)
+        for budget in budgets:
+            for min_cut in (0.0, MIN_CUT):
+                r = search_fitprune(stats, budget, costs, min_cut=min_cut)
+                emit(f"| {layers} | {budget.text} | {min_cut:g} | {cuts(r.counts, n)} | "
+                     f"{costs.fraction(r.counts, 'full'):.1%} | {r.result['alpha']:.3f} | {' '.join(map(str, r.counts))} |")
+
+
+def trained(spec: str, args: argparse.Namespace, budgets: list, emit: "Callable[[str], None]") -> None:  # noqa: F821
+    from trained_models import model_and_data  # scripts/trained_models.py
+
+    from recipe_search.calibration import calibrate
+    from recipe_search.flops import CostModel
+    from recipe_search.measure import measure
+    from recipe_search.methods import search_fitprune
+    from recipe_search.methods.fitprune import MIN_CUT
+    from recipe_search.runtime import PruningPlan, make_rule
+
+    loaded, calib, held_out = model_and_data(spec, args.calib_samples, args.eval_samples)
+    stats, _ = calibrate(loaded.model, loaded.processor, loaded.adapter, calib, progress=False)
+    costs = CostModel(loaded.adapter.dims(), stats.visual_tokens, tuple(int(t) for t in stats.text_tokens))
+    base = measure(loaded, None, held_out)
+    assert base.accuracy is not None, f"{spec}: the held-out data needs answers"
+    n = stats.visual_tokens
+    emit(f"\n## {spec}: {held_out.source}, {base.accuracy.total} questions, unpruned accuracy "
+         f"{base.accuracy.overall:.1%}; FitPrune rule, calibration {len(calib.samples)} samples\n")
+    emit("| budget | min_cut | cuts | LM FLOPs (full) | accuracy | kept | visual tokens entering each layer |")
+    emit("|---|---:|---:|---:|---:|---:|---|")
+    for budget in budgets:
+        for min_cut in (0.0, MIN_CUT):
+            r = search_fitprune(stats, budget, costs, min_cut=min_cut)
+            plan = PruningPlan(r.counts, n, make_rule("fitprune"))
+            acc = measure(loaded, plan, held_out, reference=base).accuracy
+            assert acc is not None
+            emit(f"| {budget.text} | {min_cut:g} | {cuts(r.counts, n)} | {costs.fraction(r.counts, 'full'):.1%} | "
+                 f"{acc.overall:.1%} | {acc.overall / base.accuracy.overall:.1%} | {' '.join(map(str, r.counts))} |")
+
+
+def main() -> int:
+    from trained_models import add_model_options
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(parser, calib_samples=64)
+    parser.add_argument("--medium-only", action="store_true", help="only the medium model's schedules (seconds)")
+    parser.add_argument("--out", default=None, help="also write the Markdown report here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from recipe_search.budget import parse_budgets
+
+    budgets = parse_budgets(args.budgets)
+    out: list[str] = []
+
+    def emit(text: str) -> None:
+        out.append(text)
+        print(text, flush=True)
+
+    emit("# fitprune_min_cut: FitPrune schedules with and without min_cut\n")
+    emit(f"`python scripts/fitprune_min_cut.py {' '.join(sys.argv[1:])}`")
+    medium(budgets, emit)
+    if not args.medium_only:
+        trained(args.model, args, budgets, emit)
+    if args.out:
+        Path(args.out).write_text("\n".join(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
