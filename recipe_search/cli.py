@@ -100,6 +100,11 @@ def _search_parser() -> argparse.ArgumentParser:
                    help="first decoder layer that may drop tokens (default: 0 for fitprune and uniform, 2 for "
                         "fastv and gsearch; psigmoid and auto's BO choose among layers 0-2 from which the budget "
                         "can be met, and fix it when given)")
+    p.add_argument("--min-cut", type=_min_cut, default=None, metavar="SHARE",
+                   help="FitPrune's schedules (--method fitprune, and auto's FitPrune candidate): a layer cuts only "
+                        "when the fit removes at least this share of its live visual tokens there, since every cut "
+                        "pays one scoring pass; smaller removals wait for a later layer (default 0.1; 0: the "
+                        "published fit, which on deep models cuts at many layers a few tokens at a time)")
     g = p.add_argument_group("auto / gsearch / psigmoid (score schedules on what the model answers)")
     g.add_argument("--time-budget", type=float, default=600.0,
                    help="auto: seconds for the whole search over every budget (default: 600; the demo at three "
@@ -409,6 +414,9 @@ def _run_search(argv: Sequence[str]) -> int:
     if not args.time_budget > 0:
         raise ValueError(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     _check_start_layer(args.start_layer)
+    if args.min_cut is not None and args.method not in ("fitprune", "auto"):
+        raise ValueError(f"--min-cut shapes FitPrune's schedules: use it with --method fitprune or auto, "
+                         f"not {args.method}")
     check_writable(args.out, args.plot)
     if not 0 <= args.tolerance < 1:
         raise ValueError(f"--tolerance must be in [0, 1), got {args.tolerance}")
@@ -447,6 +455,7 @@ def _run_search(argv: Sequence[str]) -> int:
             batch_size=args.batch_size, images=args.images, progress=bar.update, time_budget=args.time_budget,
             merge_threshold=(MERGE_THRESHOLD if args.merge_threshold is None
                              else None if args.merge_threshold == "off" else args.merge_threshold),
+            **({} if args.min_cut is None else {"min_cut": args.min_cut}),
         )
         outcome = search_recipes(loaded, calib, budgets, method=args.method, options=options, search_set=search_set,
                                  model_source=session.source, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
@@ -479,6 +488,16 @@ def _run_search(argv: Sequence[str]) -> int:
     for path in history_paths:
         print(f"optimisation history: {path}")
     return 0
+
+
+def _min_cut(text: str) -> float:
+    """--min-cut: a share in [0, 1)."""
+    from .methods.fitprune import check_min_cut
+
+    try:
+        return check_min_cut(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share of the live tokens in [0, 1), e.g. 0.1, not {text!r}") from None
 
 
 def _merge_threshold(text: str) -> float | str:

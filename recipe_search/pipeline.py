@@ -21,6 +21,7 @@ from .runtime.selection import make_rule
 from .methods import METHODS, SearchResult
 from .methods import auto, gsearch, psigmoid
 from .methods.objective import Evaluation, ScheduleScorer
+from .methods.fitprune import MIN_CUT, check_min_cut
 from .methods.optimizers import default_storage, make_backend, optimizer_name
 from .recipe.rules import with_merge_threshold, with_rule
 from .stats import CalibrationStats
@@ -41,7 +42,8 @@ STUDIES = Path.home() / ".cache" / "recipe-search" / "studies"
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """Knobs of the output-scoring searches; FitPrune and the baselines use only start_layer."""
+    """Knobs of the searches: the output-scoring ones use most; FitPrune start_layer and min_cut (also
+    for auto's FitPrune candidate), the baselines start_layer only."""
 
     start_layer: int | None = None
     metric: str | None = None          # None: accuracy for `auto` when every sample has an answer, else agreement
@@ -60,7 +62,11 @@ class SearchOptions:
     time_budget: float = 600.0          # auto: seconds for the whole search, over every budget
     validation_share: float = 0.5       # auto: share of the calibration samples kept for picking only
     merge_threshold: float | None = auto.MERGE_THRESHOLD  # auto: tried beside plain dropping (None: never merge)
+    min_cut: float = MIN_CUT            # FitPrune: a layer cuts only when it drops this share of its live tokens
     progress: Callable[[int, dict[str, Any]], None] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        check_min_cut(self.min_cut)  # a bad value fails before calibration, not after it
 
 
 @dataclass(frozen=True)
@@ -233,7 +239,7 @@ def _auto(loaded: LoadedModel, stats: CalibrationStats, scorer: ScheduleScorer, 
     for i, budget in enumerate(budgets):
         t0 = time.monotonic()
         share = (end - t0) / (len(budgets) - i)
-        schedules = auto.fixed_schedules(stats, budget, costs, shape)
+        schedules = auto.fixed_schedules(stats, budget, costs, shape, options.min_cut)
         grid = auto.score_grid(scorer, schedules, rules, costs, t0 + share / 2)
         bo: list[auto.Candidate] = []
         try:
@@ -319,7 +325,8 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
                                                   validation=validation)))
         else:
             assert spec.run is not None
-            results.append((budget, spec.run(stats, budget, costs, start_layer=start)))
+            results.append((budget, spec.run(stats, budget, costs, start_layer=start,
+                                             **{name: getattr(options, name) for name in spec.run_options})))
     for _, result in results:
         if spec.on_outputs:
             result.result["kendall_tau"] = stats.kendall_tau.round(3).tolist()

@@ -112,3 +112,24 @@ def test_merge_threshold_goes_into_any_methods_recipes(random_checkpoint, tmp_pa
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "Traceback" not in err
     assert err.splitlines()[-1].endswith("--merge-threshold: expected a cosine similarity in (0, 1] or 'off', got '1.5'")
+
+
+def test_min_cut_reaches_fitprune_and_is_refused_elsewhere(random_checkpoint, tmp_path, capsys):
+    common = ["--model", str(random_checkpoint), "--budget", "25%", "--num-samples", "4",
+              "--cache-dir", str(tmp_path / "cache"), "--eval", "none", "--no-timing", "--quiet"]
+    for value, folder in ((None, "default"), ("0", "published"), ("0.5", "coarse")):
+        extra = [] if value is None else ["--min-cut", value]
+        assert main([*common, "--method", "fitprune", "--out", str(tmp_path / folder), *extra]) == 0
+    recipes = {f: load_recipe(next((tmp_path / f).glob("*.json"))) for f in ("default", "published", "coarse")}
+    assert [recipes[f].method.params["min_cut"] for f in recipes] == [0.1, 0.0, 0.5]
+    coarse = recipes["coarse"].schedule.counts
+    before = (recipes["coarse"].schedule.visual_tokens, *coarse[:-1])
+    assert all(b - c >= 0.5 * b for b, c in zip(before, coarse) if c < b)
+    capsys.readouterr()
+    _one_line_error(capsys, main([*common, "--method", "uniform", "--min-cut", "0.2", "--out", str(tmp_path / "u")]),
+                    "--min-cut shapes FitPrune's schedules: use it with --method fitprune or auto, not uniform")
+    with pytest.raises(SystemExit) as exc:
+        main([*common, "--min-cut", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].endswith("--min-cut: expected a share of the live tokens in [0, 1), e.g. 0.1, not '1'")

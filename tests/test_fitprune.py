@@ -96,5 +96,5 @@ def test_min_cut_waits_for_drops_worth_a_cut(setup, alpha):
 
 def test_min_cut_out_of_range_is_one_line(setup):
     stats, costs = setup
-    with pytest.raises(ValueError, match=r"fitprune: min_cut must be in \[0, 1\), not 1.5"):
+    with pytest.raises(ValueError, match=r"min_cut must be a share of the live tokens in \[0, 1\), not 1.5"):
         search_fitprune(stats, parse_budget("50%"), costs, min_cut=1.5)

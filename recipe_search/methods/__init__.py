@@ -1,7 +1,7 @@
 """Search methods: turn calibration statistics or model outputs into a per-layer schedule.
 
 Each method is one `Method` record in the `METHODS` registry: statistics-based ones carry their
-`run(stats, budget, costs, *, start_layer) -> SearchResult`; the output-scoring ones (G-Search,
+`run(stats, budget, costs, *, start_layer, **run_options) -> SearchResult`; the output-scoring ones (G-Search,
 P-Sigmoid) score schedules with a `ScheduleScorer` and are driven by `recipe_search.pipeline`.
 The command line's choices and help come from here.
 """
@@ -23,6 +23,7 @@ class Method:
     summary: str                   # one phrase for --help
     start_layer: int               # first layer that may drop when the user does not say
     run: Callable[..., SearchResult] | None = None  # statistics-based methods only
+    run_options: tuple[str, ...] = ()  # `SearchOptions` fields `run` takes as keywords besides start_layer
     on_outputs: bool = False       # scores schedules on what the model answers (needs a scorer)
     budgetless: bool = False       # finds its own cost: takes no budget
     calibration_samples: int = 64  # default --num-samples
@@ -40,7 +41,7 @@ register_method(Method("auto", "the default; every schedule and rule below, scor
                        "picked on held-out samples (--time-budget)", 0, on_outputs=True,
                        calibration_samples=128))  # every other sample is kept for validation
 register_method(Method("fitprune", "FitPrune (attention statistics, bisection to the budget)", 0,
-                       run=search_fitprune))
+                       run=search_fitprune, run_options=("min_cut",)))
 register_method(Method("gsearch", "G-Search (greedy, least cost without loss on model outputs; no budget)", 2,
                        on_outputs=True, budgetless=True))
 register_method(Method("psigmoid", "P-Sigmoid (sigmoid schedule tuned by Bayesian optimisation to the budget)", 2,

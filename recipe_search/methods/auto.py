@@ -33,7 +33,7 @@ from ..flops import CostModel
 from ..runtime.plan import PruningPlan, schedule_from_drops
 from ..stats import CalibrationStats
 from .baselines import largest_feasible, search_uniform
-from .fitprune import InfeasibleBudgetError, SearchResult, search_fitprune
+from .fitprune import MIN_CUT, InfeasibleBudgetError, SearchResult, search_fitprune
 from .objective import Evaluation, ScheduleScorer, merit_keys
 
 #: Rules tried first on every schedule: the ones that won somewhere in issue 9's tables.
@@ -91,11 +91,12 @@ def scaled_schedule(shape: Sequence[int], visual_tokens: int, budget: Budget, co
 
 
 def fixed_schedules(stats: CalibrationStats, budget: Budget, costs: CostModel,
-                    gsearch_shape: Sequence[int] | None) -> list[tuple[str, tuple[int, ...]]]:
-    """The schedules that need no scoring to make, each meeting the budget (infeasible ones left out)."""
+                    gsearch_shape: Sequence[int] | None, min_cut: float = MIN_CUT) -> list[tuple[str, tuple[int, ...]]]:
+    """The schedules that need no scoring to make, each meeting the budget (infeasible ones left out);
+    `min_cut` is FitPrune's (`search_fitprune`)."""
     out: list[tuple[str, tuple[int, ...]]] = []
     try:
-        out.append(("fitprune", search_fitprune(stats, budget, costs, start_layer=0).counts))
+        out.append(("fitprune", search_fitprune(stats, budget, costs, start_layer=0, min_cut=min_cut).counts))
     except InfeasibleBudgetError:
         pass
     for start in (0, 1, 2):

@@ -96,13 +96,19 @@ def fit_schedule(stats: CalibrationStats, alpha: float, layer_cost: np.ndarray, 
 MIN_CUT = 0.1
 
 
+def check_min_cut(value: Any) -> float:
+    """A min_cut as a float in [0, 1); one-line error otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"min_cut must be a share of the live tokens in [0, 1), not {value!r}")
+    return float(value)
+
+
 def search_fitprune(stats: CalibrationStats, budget: Budget, costs: CostModel, *, start_layer: int = 0,
                     tolerance: float = 0.01, min_cut: float = MIN_CUT) -> SearchResult:
     """Bisect alpha to the smallest feasible value; raises InfeasibleBudgetError if none is.
     `min_cut` (share of the live tokens a cut must remove, `fit_schedule`) is recorded in the params."""
     started = time.perf_counter()
-    if not 0.0 <= min_cut < 1.0:
-        raise ValueError(f"fitprune: min_cut must be in [0, 1), not {min_cut!r}")
+    min_cut = check_min_cut(min_cut)
     layer_cost = _layer_costs(budget, costs)
     if budget.kind == "tokens":
         limit = budget.value * stats.num_layers
