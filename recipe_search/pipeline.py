@@ -264,6 +264,7 @@ def _auto(loaded: LoadedModel, stats: CalibrationStats, scorer: ScheduleScorer, 
                   "start_layer": int(next((j for j, c in enumerate(ranked[0].plan.counts) if c < costs.visual_tokens),
                                           layers))}
         params["merge_threshold"] = options.merge_threshold
+        params["min_cut"] = options.min_cut  # its FitPrune candidate's
         out.append((budget, auto.as_result(ranked, len(grid) + len(bo) + len(merged), params, time.monotonic() - t0)))
         bar.update(1)
     bar.close()

@@ -7,7 +7,8 @@ from recipe_search.budget import parse_budget
 from recipe_search.calibration import DataError, demo_samples
 from recipe_search.demo.world import QUESTION_TYPES
 from recipe_search.flops import CostModel
-from recipe_search.methods import auto, psigmoid
+from recipe_search.methods import auto, psigmoid, search_fitprune
+from recipe_search.methods.fitprune import MIN_CUT
 from recipe_search.methods.objective import Evaluation, ScheduleScorer, merit_keys
 from recipe_search.methods.optimizers import (
     OptunaBackend,
@@ -82,6 +83,11 @@ def test_fixed_schedules_meet_the_budget_and_differ(loaded, searched, costs):
         assert made and all(b.is_met(c, outcome.costs) for _, c in made)
         assert len({c for _, c in made}) == len(made)
         assert any(name == "fitprune" for name, _ in made)
+        fit = dict(made)["fitprune"]
+        published = dict(auto.fixed_schedules(outcome.stats, b, outcome.costs, None, min_cut=0.0))["fitprune"]
+        assert fit == search_fitprune(outcome.stats, b, outcome.costs, min_cut=MIN_CUT).counts
+        assert published == search_fitprune(outcome.stats, b, outcome.costs, min_cut=0.0).counts
+    assert all(r.method.params["min_cut"] == MIN_CUT for r in outcome.recipes)  # recorded with the winner
 
 
 def test_winner_is_the_best_validated_candidate_and_recorded(loaded, searched):
