@@ -405,18 +405,18 @@ def _run_search(argv: Sequence[str]) -> int:
         budgets = []
     else:  # validate before any heavy import or loading
         budgets = parse_budgets("50%" if args.budget is None else args.budget, args.formula)
-    if args.num_samples is None:
-        from .methods import METHODS
+    from .methods import METHODS
 
+    if args.num_samples is None:
         args.num_samples = METHODS[args.method].calibration_samples
     _check_positive(num_samples=args.num_samples, eval_samples=args.eval_samples, batch_size=args.batch_size,
                     n_trials=args.n_trials, n_workers=args.n_workers)
     if not args.time_budget > 0:
         raise ValueError(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     _check_start_layer(args.start_layer)
-    if args.min_cut is not None and args.method not in ("fitprune", "auto"):
-        raise ValueError(f"--min-cut shapes FitPrune's schedules: use it with --method fitprune or auto, "
-                         f"not {args.method}")
+    if args.min_cut is not None and "min_cut" not in METHODS[args.method].run_options:
+        takers = " or ".join(name for name, m in METHODS.items() if "min_cut" in m.run_options)
+        raise ValueError(f"--min-cut shapes FitPrune's schedules: use it with --method {takers}, not {args.method}")
     check_writable(args.out, args.plot)
     if not 0 <= args.tolerance < 1:
         raise ValueError(f"--tolerance must be in [0, 1), got {args.tolerance}")
@@ -431,7 +431,6 @@ def _run_search(argv: Sequence[str]) -> int:
     from .pipeline import SearchOptions, search_recipes
     from .plot import plot_history, plot_retention
     from .recipe import load_recipe, save_recipe, write_atomic
-    from .methods import METHODS
     from .methods.auto import MERGE_THRESHOLD
     from .methods.psigmoid import fit_to_curve
 

@@ -314,12 +314,11 @@ def make_plans(configs: list[Config], n: int, bounds_text: str) -> tuple[dict[st
     return plans, bounds
 
 
-def prefill_section(model: Any, adapter: Any, configs: list[Config], plans: tuple[dict[str, Any], list[Config]],
+def prefill_section(model: Any, adapter: Any, configs: list[Config], plans: dict[str, Any], bounds: list[Config],
                     n: int, batch: int, rounds: int, label: str, floors: dict[str, float],
                     log: Callable[[str], None], emit: Callable[[str], None]) -> None:
-    """One interleaved prefill table (with the random-rule twins at batch 1), the FitPrune rule's selection
-    cost, and the section's floor values under keys "b{batch}{label} ..."."""
-    plans, bounds = plans
+    """One interleaved prefill table (with the random-rule twins `bounds` at batch 1), the FitPrune rule's
+    selection cost, and the section's floor values under keys "b{batch}{label} ..."."""
     inputs = make_inputs(batch)
     timed_configs = [Config("bare", None, "", 1.0), *configs, *(bounds if batch == 1 else [])]
     rows = [Row(c, [], []) for c in timed_configs]
@@ -820,12 +819,11 @@ def main() -> int:
          "reused by the layer, the dropped ones' are extra) and, for FitPrune, computes the attention rows of "
          "the visual and text queries. Rows marked `(random rule)` run the same schedule with the seeded random "
          "rule, whose selection costs nothing: what the hardware gives that schedule without any scoring.")
-    timing_plans = make_plans(configs, n, args.bounds)
-    plans = timing_plans[0]
+    plans, bounds = make_plans(configs, n, args.bounds)
     floors: dict[str, float] = {}
     for batch in [int(b) for b in args.batches.split(",") if b]:
-        prefill_section(model, adapter, configs, timing_plans, n, batch, args.rounds if batch == 1 else args.rounds_b8,
-                        "", floors, log, emit)
+        prefill_section(model, adapter, configs, plans, bounds, n, batch,
+                        args.rounds if batch == 1 else args.rounds_b8, "", floors, log, emit)
     if args.deep_layers:
         deep = build_model(args.deep_layers)
         deep_adapter = get_adapter(deep)
@@ -840,7 +838,7 @@ def main() -> int:
         for c in deep_configs:
             emit(f"| {c.name} | {' '.join(map(str, c.counts))} | {cut_count(c.counts, n)} | {c.rule} | "
                  f"{c.predicted:.3f}x |")
-        prefill_section(deep, deep_adapter, deep_configs, make_plans(deep_configs, n, args.bounds), n, 1,
+        prefill_section(deep, deep_adapter, deep_configs, *make_plans(deep_configs, n, args.bounds), n, 1,
                         args.deep_rounds, f" ({args.deep_layers} layers)", floors, log, emit)
         del deep, deep_adapter
 

@@ -17,19 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import cut_count  # noqa: E402  (scripts/bench_speed.py)
 
 
-def cuts(counts: tuple[int, ...], visual_tokens: int) -> int:
-    """Layers where the count drops (entering layer 0 counts when it keeps fewer than all)."""
-    return sum(1 for i, c in enumerate(counts) if c < (counts[i - 1] if i else visual_tokens))
-
-
-def medium(budgets: list, emit: "Callable[[str], None]") -> None:  # noqa: F821
-    import bench_speed  # scripts/bench_speed.py
+def medium(budgets: list, emit: Callable[[str], None]) -> None:
+    import bench_speed
 
     from recipe_search.flops import CostModel
     from recipe_search.methods import search_fitprune
@@ -47,11 +44,11 @@ def medium(budgets: list, emit: "Callable[[str], None]") -> None:  # noqa: F821
         for budget in budgets:
             for min_cut in (0.0, MIN_CUT):
                 r = search_fitprune(stats, budget, costs, min_cut=min_cut)
-                emit(f"| {layers} | {budget.text} | {min_cut:g} | {cuts(r.counts, n)} | "
+                emit(f"| {layers} | {budget.text} | {min_cut:g} | {cut_count(r.counts, n)} | "
                      f"{costs.fraction(r.counts, 'full'):.1%} | {r.result['alpha']:.3f} | {' '.join(map(str, r.counts))} |")
 
 
-def trained(spec: str, args: argparse.Namespace, budgets: list, emit: "Callable[[str], None]") -> None:  # noqa: F821
+def trained(spec: str, args: argparse.Namespace, budgets: list, emit: Callable[[str], None]) -> None:
     from trained_models import model_and_data  # scripts/trained_models.py
 
     from recipe_search.calibration import calibrate
@@ -77,7 +74,7 @@ def trained(spec: str, args: argparse.Namespace, budgets: list, emit: "Callable[
             plan = PruningPlan(r.counts, n, make_rule("fitprune"))
             acc = measure(loaded, plan, held_out, reference=base).accuracy
             assert acc is not None
-            emit(f"| {budget.text} | {min_cut:g} | {cuts(r.counts, n)} | {costs.fraction(r.counts, 'full'):.1%} | "
+            emit(f"| {budget.text} | {min_cut:g} | {cut_count(r.counts, n)} | {costs.fraction(r.counts, 'full'):.1%} | "
                  f"{acc.overall:.1%} | {acc.overall / base.accuracy.overall:.1%} | {' '.join(map(str, r.counts))} |")
 
 

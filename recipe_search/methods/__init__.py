@@ -23,7 +23,7 @@ class Method:
     summary: str                   # one phrase for --help
     start_layer: int               # first layer that may drop when the user does not say
     run: Callable[..., SearchResult] | None = None  # statistics-based methods only
-    run_options: tuple[str, ...] = ()  # `SearchOptions` fields `run` takes as keywords besides start_layer
+    run_options: tuple[str, ...] = ()  # `SearchOptions` fields it reads besides the common ones (`run` gets them as keywords)
     on_outputs: bool = False       # scores schedules on what the model answers (needs a scorer)
     budgetless: bool = False       # finds its own cost: takes no budget
     calibration_samples: int = 64  # default --num-samples
@@ -39,7 +39,7 @@ def register_method(method: Method) -> Method:
 
 register_method(Method("auto", "the default; every schedule and rule below, scored on the model's answers and "
                        "picked on held-out samples (--time-budget)", 0, on_outputs=True,
-                       calibration_samples=128))  # every other sample is kept for validation
+                       calibration_samples=128, run_options=("min_cut",)))  # every other sample is kept for validation
 register_method(Method("fitprune", "FitPrune (attention statistics, bisection to the budget)", 0,
                        run=search_fitprune, run_options=("min_cut",)))
 register_method(Method("gsearch", "G-Search (greedy, least cost without loss on model outputs; no budget)", 2,
