@@ -101,10 +101,10 @@ def _search_parser() -> argparse.ArgumentParser:
                         "fastv and gsearch; psigmoid and auto's BO choose among layers 0-2 from which the budget "
                         "can be met, and fix it when given)")
     p.add_argument("--min-cut", type=_min_cut, default=None, metavar="SHARE",
-                   help="FitPrune's schedules (--method fitprune, and auto's FitPrune candidate): a layer cuts only "
-                        "when the fit removes at least this share of its live visual tokens there, since every cut "
-                        "pays one scoring pass; smaller removals wait for a later layer (default 0.1; 0: the "
-                        "published fit, which on deep models cuts at many layers a few tokens at a time)")
+                   help="auto, fitprune, gsearch and psigmoid: a layer cuts only when its schedule drops at least "
+                        "this share of its live visual tokens there, since every cut pays one scoring pass; smaller "
+                        "drops wait for a later layer (default 0.1; 0: each method's published schedule, which on "
+                        "deep models cuts at many layers a few tokens at a time)")
     g = p.add_argument_group("auto / gsearch / psigmoid (score schedules on what the model answers)")
     g.add_argument("--time-budget", type=float, default=600.0,
                    help="auto: seconds for the whole search over every budget (default: 600; the demo at three "
@@ -415,8 +415,9 @@ def _run_search(argv: Sequence[str]) -> int:
         raise ValueError(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     _check_start_layer(args.start_layer)
     if args.min_cut is not None and "min_cut" not in METHODS[args.method].run_options:
-        takers = " or ".join(name for name, m in METHODS.items() if "min_cut" in m.run_options)
-        raise ValueError(f"--min-cut shapes FitPrune's schedules: use it with --method {takers}, not {args.method}")
+        takers = [name for name, m in METHODS.items() if "min_cut" in m.run_options]
+        raise ValueError(f"--min-cut shapes searched schedules: use it with --method {', '.join(takers[:-1])} or "
+                         f"{takers[-1]}, not {args.method} (its one cut is as large as the budget needs)")
     check_writable(args.out, args.plot)
     if not 0 <= args.tolerance < 1:
         raise ValueError(f"--tolerance must be in [0, 1), got {args.tolerance}")
@@ -491,7 +492,7 @@ def _run_search(argv: Sequence[str]) -> int:
 
 def _min_cut(text: str) -> float:
     """--min-cut: a share in [0, 1)."""
-    from .methods.fitprune import check_min_cut
+    from .methods.cuts import check_min_cut
 
     try:
         return check_min_cut(float(text))

@@ -21,7 +21,7 @@ from .runtime.selection import make_rule
 from .methods import METHODS, SearchResult
 from .methods import auto, gsearch, psigmoid
 from .methods.objective import Evaluation, ScheduleScorer
-from .methods.fitprune import MIN_CUT, check_min_cut
+from .methods.cuts import MIN_CUT, check_min_cut
 from .methods.optimizers import default_storage, make_backend, optimizer_name
 from .recipe.rules import with_merge_threshold, with_rule
 from .stats import CalibrationStats
@@ -42,8 +42,8 @@ STUDIES = Path.home() / ".cache" / "recipe-search" / "studies"
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """Knobs of the searches: the output-scoring ones use most; FitPrune start_layer and min_cut (also
-    for auto's FitPrune candidate), the baselines start_layer only."""
+    """Knobs of the searches: the output-scoring ones use most; FitPrune start_layer and min_cut, the
+    baselines start_layer only."""
 
     start_layer: int | None = None
     metric: str | None = None          # None: accuracy for `auto` when every sample has an answer, else agreement
@@ -62,7 +62,7 @@ class SearchOptions:
     time_budget: float = 600.0          # auto: seconds for the whole search, over every budget
     validation_share: float = 0.5       # auto: share of the calibration samples kept for picking only
     merge_threshold: float | None = auto.MERGE_THRESHOLD  # auto: tried beside plain dropping (None: never merge)
-    min_cut: float = MIN_CUT            # FitPrune: a layer cuts only when it drops this share of its live tokens
+    min_cut: float = MIN_CUT            # every schedule maker but the baselines': a layer cuts only when it drops this share of its live tokens (cuts.py)
     progress: Callable[[int, dict[str, Any]], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -84,7 +84,7 @@ def study_name(loaded: LoadedModel, search_set: SampleSet, budget: Budget, optio
     and every worker find it (the costs decide which schedules meet the budget)."""
     key = f"{loaded.adapter.fingerprint()}:{search_set.content_hash()}:{budget.kind}:{budget.value}:{budget.formula}:" \
           f"{options.metric}:{start}:{optimizer_name(options.optimizer)}:{options.seed}:" \
-          f"{costs.visual_tokens}:{sum(costs.text_tokens)}/{len(costs.text_tokens)}"
+          f"{costs.visual_tokens}:{sum(costs.text_tokens)}/{len(costs.text_tokens)}:{options.min_cut}"
     if rules or starts or study != "psigmoid":
         key += f":{study}:{','.join(rules)}:{','.join(map(str, starts))}"
     return f"{study}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -109,7 +109,7 @@ def _psigmoid_run(loaded: LoadedModel, search_set: SampleSet, budget: Budget, co
         resume=options.resume if resume is None else resume, worker=worker,
     )
     return psigmoid.PSigmoidRun(scorer, budget, costs, backend, start, options.n_trials, options.progress, worker,
-                                rule=rules[0] if len(rules) == 1 else gsearch.RULE)
+                                rule=rules[0] if len(rules) == 1 else gsearch.RULE, min_cut=options.min_cut)
 
 
 def _worker(source: str, name_or_path: str, search_set: SampleSet, budget: Budget, costs: CostModel,
@@ -175,16 +175,18 @@ def run_workers(source: str, loaded: LoadedModel, search_set: SampleSet, budget:
               f"failed and redid their interrupted trials and finished the study", file=sys.stderr)
 
 
-def _psigmoid_starts(scorer: ScheduleScorer, budget: Budget, costs: CostModel, asked: int | None) -> tuple[int, ...]:
+def _psigmoid_starts(scorer: ScheduleScorer, budget: Budget, costs: CostModel, asked: int | None,
+                     min_cut: float) -> tuple[int, ...]:
     """The start layers the BO may choose: the one asked (checked), else every layer up to the
     default 2 from which some sigmoid meets the budget (closed form, before any trial); a one-line
     error naming the smallest feasible budget when none does."""
     layers = len(scorer.layers)
     if asked is not None:
-        psigmoid.check_feasible(scorer.visual_tokens, layers, asked, budget, costs)
+        psigmoid.check_feasible(scorer.visual_tokens, layers, asked, budget, costs, min_cut)
         return (asked,)
-    latest = psigmoid.feasible_start(scorer.visual_tokens, layers, METHODS["psigmoid"].start_layer, budget, costs)
-    return psigmoid.feasible_starts(scorer.visual_tokens, layers, latest, budget, costs)
+    latest = psigmoid.feasible_start(scorer.visual_tokens, layers, METHODS["psigmoid"].start_layer, budget, costs,
+                                     min_cut)
+    return psigmoid.feasible_starts(scorer.visual_tokens, layers, latest, budget, costs, min_cut)
 
 
 def _run_psigmoid(loaded: LoadedModel, searched: SampleSet, budget: Budget, costs: CostModel, options: SearchOptions,
@@ -193,13 +195,14 @@ def _run_psigmoid(loaded: LoadedModel, searched: SampleSet, budget: Budget, cost
                   validation: ScheduleScorer | None = None) -> SearchResult:
     """One P-Sigmoid search over (slope, midpoint, start layer, rule) for `budget`; with `validation`,
     the best few trials are re-scored there and the best of them wins."""
-    starts = _psigmoid_starts(scorer, budget, costs, options.start_layer)
+    starts = _psigmoid_starts(scorer, budget, costs, options.start_layer, options.min_cut)
     run = _psigmoid_run(loaded, searched, budget, costs, options, max(starts), "main", scorer, resume=resume,
                         rules=rules, starts=starts if len(starts) > 1 else (), study=study)
     run.deadline = deadline
     params = {"optimizer": optimizer_name(options.optimizer), "n_trials": options.n_trials, "n_startup": options.n_startup,
               "seed": options.seed, "search_set": searched.source, "search_samples": len(searched),
-              "warm_start": options.warm_start, "rules": list(rules), "start_layers": list(starts)}
+              "warm_start": options.warm_start, "rules": list(rules), "start_layers": list(starts),
+              "min_cut": options.min_cut}
     started = time.perf_counter()
     try:
         if options.warm_start and not run.backend.finished():
@@ -232,7 +235,8 @@ def _auto(loaded: LoadedModel, stats: CalibrationStats, scorer: ScheduleScorer, 
     # G-Search's lossless curve, shaped once for every budget, within a fifth of the time
     shape = None
     if layers > 2:
-        found = gsearch.search_gsearch(scorer, costs, start_layer=2, deadline=started + options.time_budget / 5)
+        found = gsearch.search_gsearch(scorer, costs, start_layer=2, deadline=started + options.time_budget / 5,
+                                       min_cut=options.min_cut)
         shape = found.counts
     out: list[tuple[Budget | None, SearchResult]] = []
     bar = tqdm(total=len(budgets), desc="auto search", unit="budget", disable=not progress)
@@ -264,7 +268,7 @@ def _auto(loaded: LoadedModel, stats: CalibrationStats, scorer: ScheduleScorer, 
                   "start_layer": int(next((j for j, c in enumerate(ranked[0].plan.counts) if c < costs.visual_tokens),
                                           layers))}
         params["merge_threshold"] = options.merge_threshold
-        params["min_cut"] = options.min_cut  # its FitPrune candidate's
+        params["min_cut"] = options.min_cut  # every candidate schedule's but the uniform ones'
         out.append((budget, auto.as_result(ranked, len(grid) + len(bo) + len(merged), params, time.monotonic() - t0)))
         bar.update(1)
     bar.close()
@@ -316,7 +320,8 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
     elif method == "gsearch":
         assert scorer is not None
         results.append((None, gsearch.search_gsearch(scorer, costs, start_layer=start, tolerance=options.tolerance,
-                                                     rule=rule or gsearch.RULE, validation=validation)))
+                                                     rule=rule or gsearch.RULE, validation=validation,
+                                                     min_cut=options.min_cut)))
     for budget in ([] if spec.budgetless or method == "auto" else budgets):
         assert budget is not None
         if method == "psigmoid":

@@ -18,8 +18,14 @@ Schedules (how each was made, no calibration of the medium model is needed for t
             onto this model's layers (nearest layer); FitPrune rule, scored at the same layer
   uniform   the same count at every layer from layer 0, largest count meeting the budget
             (recipe_search.methods.search_uniform); FitPrune rule, scored at the same layer
-  default   what search-recipe's default method (auto) picks on the demo: the uniform schedule with the
-            DART rule, near-duplicate drops merged into survivors (merge threshold 0.9, runtime/plan.py)
+  default   what search-recipe's default method (auto) picks on the demo, searched at the start of the run
+            (recipe_search.search("demo", "demo", ...)): its rule (and merging) as picked, its schedule's
+            per-layer shares (nearest demo layer) scaled to the budget here (methods/auto.scaled_schedule)
+  psigmoid  P-Sigmoid's pick on the demo (BO over slope, midpoint, start layer and rule): its curve stretched
+            to this model's depth (start, midpoint and slope scaled by layers / 8), the floor re-fitted to
+            the budget here as in its trials (psigmoid.fit_proposal); with its picked rule
+  (min_cut 0)  the default's and P-Sigmoid's picks carried with min_cut 0 (every drop of the curve is a
+            cut), where that differs: what methods/cuts.py's min_cut saves
   (random rule)  the fitprune and uniform schedules with the seeded random rule: no scoring cost
 Budgets are shares of the unpruned LM's full-sequence prefill FLOPs (recipe_search/flops.py). The
 predicted speed-up is (LM full + vision encoder and projector FLOPs, unpruned) / (the same, pruned),
@@ -49,7 +55,8 @@ The cost-growth tables and the 7B estimate are scripts/bench_cost_growth.py.
                                   [--budgets 50%,25%,12.5%] [--decode-tokens 128] [--decode-rounds 2]
                                   [--quick] [--profile] [--out docs/bench-speed-output.md]
 
---quick: a smoke run of every part (4 layers, batch 1, 2 rounds, 16 decode tokens; a few minutes).
+--quick: a smoke run of every part (4 layers, batch 1, 2 rounds, 16 decode tokens, short demo searches;
+a few minutes).
 --profile: pyinstrument profiles only (medium model prefill and decode, demo prefill).
 """
 from __future__ import annotations
@@ -151,14 +158,84 @@ class Config:
     predicted: float = 1.0              # (LM full + vision) unpruned / pruned
     rule: str = "fitprune"
     merge_threshold: float | None = None  # near-duplicate drops merged into survivors (runtime/plan.py)
+    rule_params: dict[str, Any] | None = None  # None: the rule's recipe defaults (FitPrune: heads max)
+    score_layer: str = "same"
 
 
-def schedules(adapter: Any, budgets: list[str], defaults: set[str]) -> tuple[list[Config], Any, Any]:
-    """keep-all, then per budget FitPrune's and the uniform schedule, and for `defaults` the default recipe."""
+@dataclass(frozen=True)
+class DemoPick:
+    """What a search picked on the demo model (8 layers, 144 visual tokens), to be carried to this model."""
+
+    counts: tuple[int, ...]
+    visual_tokens: int
+    rule: str
+    rule_params: dict[str, Any]
+    score_layer: str
+    merge_threshold: float | None
+    how: str                            # the demo's schedule name, e.g. "fitprune" or "uniform from layer 0"
+    curve: dict[str, float] | None = None  # P-Sigmoid: slope, midpoint, start (demo layers)
+
+
+def demo_picks(auto_budgets: list[str], psigmoid_budgets: list[str], time_budget: float,
+               n_trials: int) -> dict[str, DemoPick]:
+    """Run search-recipe's default (auto) and P-Sigmoid on the demo model, as a user would; keyed "auto 50%"."""
+    import tempfile
+
+    import recipe_search
+
+    picks: dict[str, DemoPick] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [("auto", auto_budgets, {"time_budget": time_budget}),
+                ("psigmoid", psigmoid_budgets, {"n_trials": n_trials})]
+        for method, budgets, extra in runs:
+            if not budgets:
+                continue
+            recipes = recipe_search.search("demo", "demo", budgets, method=method, cache_dir=Path(tmp) / "cache",
+                                           work_dir=Path(tmp) / method, progress=False, **extra)
+            for text, r in zip(budgets, recipes):
+                if r.vision is not None:
+                    raise SystemExit(f"bench_speed: the demo's {method} {text} pick selects inside the vision tower "
+                                     f"({r.vision.rule}); this benchmark times LLM-side rules only")
+                res = r.method.result
+                curve = None
+                if method == "psigmoid":
+                    curve = {"slope": res["slope"], "midpoint": res["midpoint"],
+                             "start": r.method.params["start_layer"]}
+                how = res["winner"]["schedule"] if method == "auto" else "P-Sigmoid"
+                picks[f"{method} {text}"] = DemoPick(tuple(r.schedule.counts), r.schedule.visual_tokens,
+                                                     r.selection.rule,
+                                                     dict(r.selection.params), r.selection.score_layer,
+                                                     r.selection.merge_threshold, how, curve)
+    return picks
+
+
+def carried(pick: DemoPick, n: int, layers: int, budget: Any, costs: Any,
+            min_cut: float) -> tuple[tuple[int, ...] | None, str]:
+    """The demo pick's schedule on this model, and how it was carried: a P-Sigmoid's curve stretched to
+    `layers` (start, midpoint and slope scaled by layers / 8) with its floor re-fitted to the budget as
+    each trial's is (`psigmoid.fit_proposal`: the midpoint moves earlier when no floor fits); any other
+    schedule, or a curve that cannot meet the budget here, by its per-layer shares (nearest demo layer)
+    scaled to the budget (`auto.scaled_schedule`). Drops under `min_cut` of the live tokens wait."""
+    from recipe_search.methods import auto, psigmoid
+
+    src = len(pick.counts)
+    if pick.curve is not None:
+        stretch = layers / src
+        fitted = psigmoid.fit_proposal(n, layers, round(pick.curve["start"] * stretch), pick.curve["slope"] / stretch,
+                                       pick.curve["midpoint"] * stretch, budget, costs, min_cut)
+        if fitted is not None:
+            return fitted[2], "curve stretched to this depth, floor re-fitted"
+    shape = [round(pick.counts[min(src - 1, int(i * src / layers))] * n / pick.visual_tokens) for i in range(layers)]
+    return auto.scaled_schedule(shape, n, budget, costs, min_cut), "per-layer shares scaled to the budget"
+
+
+def schedules(adapter: Any, budgets: list[str], picks: dict[str, DemoPick]) -> tuple[list[Config], Any, Any]:
+    """keep-all, then per budget FitPrune's and the uniform schedule, and the demo picks carried here
+    (`carried`): the default (auto) recipe and P-Sigmoid's, each also with min_cut 0 when that changes it."""
     from recipe_search.budget import parse_budget
     from recipe_search.flops import CostModel, VisionCost
     from recipe_search.methods import search_fitprune, search_uniform
-    from recipe_search.methods.auto import MERGE_THRESHOLD
+    from recipe_search.methods.cuts import MIN_CUT
 
     dims = adapter.dims()
     n = adapter.visual_tokens_per_image()
@@ -179,10 +256,26 @@ def schedules(adapter: Any, budgets: list[str], defaults: set[str]) -> tuple[lis
                           f"{costs.fraction(fit.counts, 'full'):.1%}"))
         out.append(Config(f"uniform {text}", uni.counts,
                           f"one cut at layer 0 to {uni.counts[0]}; FLOPs {costs.fraction(uni.counts, 'full'):.1%}"))
-        if text in defaults:
-            out.append(Config(f"default {text}", uni.counts, "what search-recipe's default method (auto) picks on "
-                              "the demo: the uniform schedule, DART rule, near-duplicates merged", rule="dart",
-                              merge_threshold=MERGE_THRESHOLD))
+        for method, label in (("auto", "default"), ("psigmoid", "psigmoid")):
+            pick = picks.get(f"{method} {text}")
+            if pick is None:
+                continue
+            rule = pick.rule + ("+merge" if pick.merge_threshold is not None else "")
+            if pick.curve is None:
+                what = f"search-recipe's default (auto) on the demo picked {pick.how} x {rule}"
+            else:
+                what = (f"P-Sigmoid (BO) on the demo picked slope {pick.curve['slope']:.2f}, midpoint "
+                        f"{pick.curve['midpoint']:.2f}, start {pick.curve['start']:.0f} x {rule}")
+            held, way = carried(pick, n, dims.num_layers, budget, costs, MIN_CUT)
+            published, way0 = carried(pick, n, dims.num_layers, budget, costs, 0.0)
+            for name, counts, way, note in ((f"{label} {text}", held, way, f"min_cut {MIN_CUT:g}"),
+                                            (f"{label} {text} (min_cut 0)", published, way0, "min_cut 0")):
+                if counts is None or (note == "min_cut 0" and counts == held):
+                    continue
+                out.append(Config(name, counts, f"{what}; carried here: {way}, {note}; FLOPs "
+                                  f"{costs.fraction(counts, 'full'):.1%}", rule=pick.rule,
+                                  merge_threshold=pick.merge_threshold, rule_params=pick.rule_params,
+                                  score_layer=pick.score_layer))
     for c in out:
         c.predicted = predicted(c.counts)
     return out, costs, vision
@@ -215,12 +308,14 @@ def scoring_share(config: Config, dims: Any, costs: Any, vision: Any) -> float:
     return extra / (costs.total(config.counts, "full") + vision.total(config.counts[0]))
 
 
-def plan_for(counts: tuple[int, ...], n: int, rule: str = "fitprune", merge_threshold: float | None = None) -> Any:
-    """The runtime plan of `counts` under `rule` with its recipe defaults, scored at the layer that cuts."""
+def plan_for(counts: tuple[int, ...], n: int, rule: str = "fitprune", merge_threshold: float | None = None,
+             rule_params: dict[str, Any] | None = None, score_layer: str = "same") -> Any:
+    """The runtime plan of `counts` under `rule` (its recipe defaults unless `rule_params` are given)."""
     from recipe_search.runtime import PruningPlan, make_rule
 
-    return PruningPlan(tuple(counts), n, make_rule(rule, {"heads": "max"} if rule == "fitprune" else {}), "same",
-                       merge_threshold=merge_threshold)
+    if rule_params is None:
+        rule_params = {"heads": "max"} if rule == "fitprune" else {}
+    return PruningPlan(tuple(counts), n, make_rule(rule, rule_params), score_layer, merge_threshold=merge_threshold)
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -306,7 +401,7 @@ def make_plans(configs: list[Config], n: int, bounds_text: str) -> tuple[dict[st
     """Plans of every configuration, and the random-rule twins of the `bounds_text` schedules (with theirs)."""
     plans: dict[str, Any] = {"bare": None}
     for c in configs:
-        plans[c.name] = plan_for(c.counts, n, c.rule, c.merge_threshold)
+        plans[c.name] = plan_for(c.counts, n, c.rule, c.merge_threshold, c.rule_params, c.score_layer)
     names = {f"{kind} {b}" for b in bounds_text.split(",") if b for kind in ("fitprune", "uniform")}
     bounds = [Config(c.name + " (random rule)", c.counts, "", c.predicted, "random") for c in configs if c.name in names]
     for c in bounds:
@@ -343,12 +438,24 @@ def prefill_section(model: Any, adapter: Any, configs: list[Config], plans: dict
             extra = statistics.median(r.wall) - statistics.median(b.wall)
             emit(f"| {r.config.name} | {cut_count(r.config.counts, n)} | {extra * 1000:.0f} | "
                  f"{extra / statistics.median(r.wall):.1%} |")
+    pairs = [(r, next((p for p in rows if p.config.name == r.config.name + " (min_cut 0)"), None)) for r in rows]
+    pairs = [(r, p) for r, p in pairs if p is not None]
+    if pairs:
+        emit()
+        emit("What min_cut changes (the same pick carried here with min_cut 0, i.e. every drop of its curve is a cut):")
+        emit()
+        emit("| configuration | cuts (min_cut 0 -> default) | meas/pred (min_cut 0 -> default) | median ms saved |")
+        emit("|---|---:|---:|---:|")
+        for r, p in pairs:
+            saved = statistics.median(p.wall) - statistics.median(r.wall)
+            emit(f"| {r.config.name} | {cut_count(p.config.counts, n)} -> {cut_count(r.config.counts, n)} | "
+                 f"{ratios[p.config.name]:.3f} -> {ratios[r.config.name]:.3f} | {saved * 1000:.0f} |")
     key = f"b{batch}{label}"
     floors[f"{key} keep-all overhead: time in its hooks / bare"] = ratios["keep-all hooks"]
     floors[f"{key} keep-all overhead"] = 1 / (ratios["keep-all"]) - 1
     floors[f"{key} keep-all overhead cpu"] = 1 / (ratios["keep-all cpu"]) - 1
     for name in ("fitprune 50%", "fitprune 25%", "default 50%", "default 25%", "uniform 50%", "uniform 25%",
-                 "fitprune 50% (random rule)", "fitprune 25% (random rule)"):
+                 "fitprune 50% (random rule)", "fitprune 25% (random rule)", "psigmoid 50%", "psigmoid 25%"):
         if name in ratios:
             floors[f"{key} {name} meas/pred"] = ratios[name]
             floors[f"{key} {name} meas/pred cpu"] = ratios[name + " cpu"]
@@ -574,7 +681,7 @@ def run_profile(args: argparse.Namespace, emit: Callable[[str], None]) -> None:
     model = build_model(args.layers)
     adapter = get_adapter(model)
     n = adapter.visual_tokens_per_image()
-    configs, _, _ = schedules(adapter, ["50%", "25%"], set())
+    configs, _, _ = schedules(adapter, ["50%", "25%"], {})
     inputs = make_inputs(1)
     emit(f"## Profile: medium model ({args.layers} layers), batch 1, {args.profile_repeats} forwards")
     profile(model, adapter, {c.name: plan_for(c.counts, n) for c in configs
@@ -731,7 +838,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds at batch 1")
     parser.add_argument("--rounds-b8", type=int, default=3, help="interleaved rounds at batches above 1")
     parser.add_argument("--budgets", default="50%,25%,12.5%")
-    parser.add_argument("--defaults", default="50%,25%", help="budgets at which the default recipe is timed too")
+    parser.add_argument("--defaults", default="50%,25%",
+                        help="budgets at which search-recipe's default (auto) runs on the demo and its pick is timed")
+    parser.add_argument("--psigmoid", default="50%,25%",
+                        help="budgets at which P-Sigmoid runs on the demo and its curve is timed")
+    parser.add_argument("--auto-time-budget", type=float, default=600.0, help="auto's --time-budget on the demo")
+    parser.add_argument("--psigmoid-trials", type=int, default=48, help="P-Sigmoid's --n-trials on the demo")
     parser.add_argument("--bounds", default="50%,25%",
                         help="budgets whose schedules are also timed with the random rule (no scoring cost), batch 1")
     parser.add_argument("--deep-layers", type=int, default=32,
@@ -759,6 +871,7 @@ def main() -> int:
         args.layers, args.batches, args.rounds, args.decode_tokens, args.budgets = 4, "1", 2, 16, "50%,25%"
         args.decode_batches, args.decode_rounds, args.calib_rounds, args.calib_samples = "1", 1, 1, 4
         args.share_rounds, args.repeat_calls, args.deep_layers, args.deep_rounds = 1, 2, 6, 1
+        args.auto_time_budget, args.psigmoid_trials, args.psigmoid = 60.0, 8, "50%"
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
@@ -787,8 +900,10 @@ def main() -> int:
     _time_hooks()
     dims = adapter.dims()
     n = adapter.visual_tokens_per_image()
-    configs, costs, vision = schedules(adapter, [b for b in args.budgets.split(",") if b],
-                                       {b for b in args.defaults.split(",") if b})
+    log("searching the demo model: default (auto) and P-Sigmoid picks")
+    picks = demo_picks([b for b in args.defaults.split(",") if b], [b for b in args.psigmoid.split(",") if b],
+                       args.auto_time_budget, args.psigmoid_trials)
+    configs, costs, vision = schedules(adapter, [b for b in args.budgets.split(",") if b], picks)
     lm_macs, vis_macs = costs.unpruned("full"), vision.unpruned()
     emit("# bench_speed: prefill, decode and calibration on a medium LLaVA-1.5-shaped model")
     emit()
@@ -827,8 +942,7 @@ def main() -> int:
     if args.deep_layers:
         deep = build_model(args.deep_layers)
         deep_adapter = get_adapter(deep)
-        deep_configs, _, _ = schedules(deep_adapter, [b for b in args.budgets.split(",") if b],
-                                       {b for b in args.defaults.split(",") if b})
+        deep_configs, _, _ = schedules(deep_adapter, [b for b in args.budgets.split(",") if b], picks)
         emit()
         depth = " (LLaVA-1.5-7B's depth)" if args.deep_layers == 32 else ""
         emit(f"## Schedules of the {args.deep_layers}-layer model{depth}, otherwise the same shape")
@@ -933,6 +1047,8 @@ def main() -> int:
             floor, text = "<= 2 %", f"{value:.3%}"
         elif "overhead" in key:
             floor, text = "<= 2 % (difference of two noisy medians)", f"{value:+.1%}"
+        elif "meas/pred" in key and "psigmoid" in key:
+            floor, text = "none (the floor is for the default and FitPrune)", f"{value:.3f}"
         elif "meas/pred" in key:
             floor, text = ">= 0.93" + (" (reference: no scoring cost)" if "random" in key else ""), f"{value:.3f}"
         elif key.startswith("calibration"):

@@ -30,7 +30,7 @@ def medium(budgets: list, emit: Callable[[str], None]) -> None:
 
     from recipe_search.flops import CostModel
     from recipe_search.methods import search_fitprune
-    from recipe_search.methods.fitprune import MIN_CUT
+    from recipe_search.methods.cuts import MIN_CUT
     from recipe_search.models import get_adapter
 
     emit("\n## Medium random-weight model (scripts/bench_speed.py), FitPrune on the demo's statistics\n")
@@ -55,7 +55,7 @@ def trained(spec: str, args: argparse.Namespace, budgets: list, emit: Callable[[
     from recipe_search.flops import CostModel
     from recipe_search.measure import measure
     from recipe_search.methods import search_fitprune
-    from recipe_search.methods.fitprune import MIN_CUT
+    from recipe_search.methods.cuts import MIN_CUT
     from recipe_search.runtime import PruningPlan, make_rule
 
     loaded, calib, held_out = model_and_data(spec, args.calib_samples, args.eval_samples)

@@ -8,7 +8,7 @@ from recipe_search.calibration import DataError, demo_samples
 from recipe_search.demo.world import QUESTION_TYPES
 from recipe_search.flops import CostModel
 from recipe_search.methods import auto, psigmoid, search_fitprune
-from recipe_search.methods.fitprune import MIN_CUT
+from recipe_search.methods.cuts import MIN_CUT
 from recipe_search.methods.objective import Evaluation, ScheduleScorer, merit_keys
 from recipe_search.methods.optimizers import (
     OptunaBackend,

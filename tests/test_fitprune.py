@@ -5,7 +5,7 @@ from recipe_search.budget import parse_budget
 from recipe_search.flops import CostModel
 from recipe_search.models import ModelDims
 from recipe_search.methods import InfeasibleBudgetError, fit_schedule, search_fitprune
-from recipe_search.methods.fitprune import MIN_CUT
+from recipe_search.methods.cuts import MIN_CUT
 from recipe_search.stats import CalibrationStats
 
 DIMS = ModelDims(num_layers=8, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32)

@@ -1,5 +1,6 @@
 """G-Search and P-Sigmoid: scorer exactness, budgets, floor bisection, backends, resume and workers."""
 import json
+from dataclasses import replace
 import os
 import signal
 import sqlite3
@@ -83,11 +84,13 @@ def test_other_rules_score_like_a_direct_pruned_run(loaded, search_set, scorer, 
     assert (scorer._logits(0, scorer.batches[0], other) - got).abs().max().item() > 1e-3  # the rules differ here
 
 
-def test_gsearch_keeps_its_tolerance(scorer, costs):
-    result = gsearch.search_gsearch(scorer, costs, start_layer=2, tolerance=0.0)
+@pytest.mark.parametrize("min_cut", [0.0, 0.3])
+def test_gsearch_keeps_its_tolerance(scorer, costs, min_cut):
+    result = gsearch.search_gsearch(scorer, costs, start_layer=2, tolerance=0.0, min_cut=min_cut)
     counts = result.counts
-    assert counts[:2] == (144, 144)
+    assert counts[:2] == (144, 144) and result.params["min_cut"] == min_cut
     assert all(a >= b for a, b in zip(counts, counts[1:]))
+    assert all(b - c >= min_cut * b for b, c in zip(counts, counts[1:]) if c < b)  # each cut worth its pass
     assert scorer.evaluate(counts).value >= result.result["unpruned_value"]
     assert all(c in gsearch.token_grid(144) for c in counts)
     with pytest.raises(ValueError, match="never ranks with layer-0 attention"):
@@ -176,7 +179,7 @@ def test_two_workers_share_one_study(loaded, search_set, costs, tmp_path):
     assert {t.attrs["worker"] for t in done} == {"worker-0", "worker-1"}
 
 
-def test_psigmoid_starts_earlier_only_when_the_budget_needs_it(loaded, search_set, tmp_path):
+def test_psigmoid_starts_earlier_only_when_the_budget_needs_it(loaded, search_set, costs, tmp_path):
     from recipe_search.methods import InfeasibleBudgetError
 
     options = SearchOptions(n_trials=3, n_startup=2, work_dir=tmp_path, batch_size=6)
@@ -186,6 +189,13 @@ def test_psigmoid_starts_earlier_only_when_the_budget_needs_it(loaded, search_se
     assert allowed[0] == [0, 1, 2] and 2 not in allowed[1] and allowed[1]  # start 2 cannot meet 25 %
     assert all(r.method.params["start_layer"] in a for r, a in zip(outcome.recipes, allowed))
     assert outcome.recipes[1].budget.achieved["full"] <= 0.25
+    coarse = search_recipes(loaded, search_set, [parse_budget("50%")], method="psigmoid",
+                            options=replace(options, min_cut=0.4), cache_dir=tmp_path / "cache", progress=False)
+    counts = coarse.recipes[0].schedule.counts
+    assert coarse.recipes[0].method.params["min_cut"] == 0.4 and outcome.recipes[0].method.params["min_cut"] == 0.1
+    assert all(b - c >= 0.4 * b for b, c in zip((144, *counts), counts) if c < b)
+    assert study_name(loaded, search_set, parse_budget("50%"), options, 2, costs) != \
+        study_name(loaded, search_set, parse_budget("50%"), replace(options, min_cut=0.4), 2, costs)
     with pytest.raises(InfeasibleBudgetError, match="cannot be met by a P-Sigmoid from layer 2"):
         search_recipes(loaded, search_set, [parse_budget("25%")], method="psigmoid",
                        options=SearchOptions(start_layer=2, n_trials=3, work_dir=tmp_path / "b"),

@@ -43,9 +43,9 @@ register_method(Method("auto", "the default; every schedule and rule below, scor
 register_method(Method("fitprune", "FitPrune (attention statistics, bisection to the budget)", 0,
                        run=search_fitprune, run_options=("min_cut",)))
 register_method(Method("gsearch", "G-Search (greedy, least cost without loss on model outputs; no budget)", 2,
-                       on_outputs=True, budgetless=True))
+                       on_outputs=True, budgetless=True, run_options=("min_cut",)))
 register_method(Method("psigmoid", "P-Sigmoid (sigmoid schedule tuned by Bayesian optimisation to the budget)", 2,
-                       on_outputs=True))
+                       on_outputs=True, run_options=("min_cut",)))
 register_method(Method("fastv", "baseline FastV (one drop at layer 2)", 2, run=search_fastv))
 register_method(Method("uniform", "baseline uniform (the same count at every layer)", 0, run=search_uniform))
 

@@ -33,7 +33,8 @@ from ..flops import CostModel
 from ..runtime.plan import PruningPlan, schedule_from_drops
 from ..stats import CalibrationStats
 from .baselines import largest_feasible, search_uniform
-from .fitprune import MIN_CUT, InfeasibleBudgetError, SearchResult, search_fitprune
+from .cuts import MIN_CUT, held_counts
+from .fitprune import InfeasibleBudgetError, SearchResult, search_fitprune
 from .objective import Evaluation, ScheduleScorer, merit_keys
 
 #: Rules tried first on every schedule: the ones that won somewhere in issue 9's tables.
@@ -67,17 +68,15 @@ class Candidate:
         return out
 
 
-def scaled_schedule(shape: Sequence[int], visual_tokens: int, budget: Budget, costs: CostModel) -> tuple[int, ...] | None:
+def scaled_schedule(shape: Sequence[int], visual_tokens: int, budget: Budget, costs: CostModel,
+                    min_cut: float = 0.0) -> tuple[int, ...] | None:
     """`shape`'s per-layer fractions times the largest factor in [0, 1/min share] that meets the
-    budget (bisection), so a lossless curve found without a budget is carried to any budget."""
+    budget (bisection), so a lossless curve found without a budget is carried to any budget; drops
+    smaller than `min_cut` of the live tokens wait for a later layer (`cuts.held_counts`)."""
     fractions = [c / visual_tokens for c in shape]
 
     def make(scale: float) -> tuple[int, ...]:
-        counts, current = [], visual_tokens
-        for f in fractions:
-            current = min(current, round(visual_tokens * min(1.0, f * scale)))
-            counts.append(current)
-        return tuple(counts)
+        return held_counts((min(1.0, f * scale) for f in fractions), visual_tokens, min_cut)
 
     if not budget.is_met(make(0.0), costs):
         return None
@@ -93,7 +92,7 @@ def scaled_schedule(shape: Sequence[int], visual_tokens: int, budget: Budget, co
 def fixed_schedules(stats: CalibrationStats, budget: Budget, costs: CostModel,
                     gsearch_shape: Sequence[int] | None, min_cut: float = MIN_CUT) -> list[tuple[str, tuple[int, ...]]]:
     """The schedules that need no scoring to make, each meeting the budget (infeasible ones left out);
-    `min_cut` is FitPrune's (`search_fitprune`)."""
+    `min_cut` (`cuts.py`) holds back FitPrune's and the scaled G-Search curve's small drops."""
     out: list[tuple[str, tuple[int, ...]]] = []
     try:
         out.append(("fitprune", search_fitprune(stats, budget, costs, start_layer=0, min_cut=min_cut).counts))
@@ -116,7 +115,7 @@ def fixed_schedules(stats: CalibrationStats, budget: Budget, costs: CostModel,
         except InfeasibleBudgetError:
             pass
     if gsearch_shape is not None:
-        scaled = scaled_schedule(gsearch_shape, costs.visual_tokens, budget, costs)
+        scaled = scaled_schedule(gsearch_shape, costs.visual_tokens, budget, costs, min_cut)
         if scaled is not None:
             out.append(("G-Search curve scaled", scaled))
     seen: set[tuple[int, ...]] = set()

@@ -23,6 +23,7 @@ import numpy as np
 from ..budget import Budget
 from ..flops import CostModel
 from ..stats import CalibrationStats
+from .cuts import MIN_CUT, check_min_cut, worth_a_cut
 
 
 class InfeasibleBudgetError(ValueError):
@@ -82,25 +83,13 @@ def fit_schedule(stats: CalibrationStats, alpha: float, layer_cost: np.ndarray, 
             ok = (rem_c >= w_cross[:, layer, None] - slack) & (rem_v >= w_self[:, layer, None] - slack)
             removable = ok.cumprod(axis=1).sum(axis=1) - 1  # largest k that keeps both masses
             k = int(np.floor(np.mean(np.maximum(removable, 0))))
-            if k and k >= min_cut * current:
+            if worth_a_cut(k, current, min_cut):
                 drop = order[:, dead : dead + k]
                 np.put_along_axis(live, drop, False, axis=1)
                 current -= k
         counts.append(current)
         spent += layer_cost[current]
     return tuple(counts)
-
-
-#: FitPrune's default `min_cut`: a cut scores every live token (its N x N attention rows), which on a
-#: 32-layer model cost more than dropping a few tokens saves; see docs/performance.md.
-MIN_CUT = 0.1
-
-
-def check_min_cut(value: Any) -> float:
-    """A min_cut as a float in [0, 1); one-line error otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"min_cut must be a share of the live tokens in [0, 1), not {value!r}")
-    return float(value)
 
 
 def search_fitprune(stats: CalibrationStats, budget: Budget, costs: CostModel, *, start_layer: int = 0,

@@ -5,7 +5,9 @@ metric on the search set stays within `tolerance` of the unpruned model, with ev
 tied to the same count while a layer is searched, so counts never grow with depth. The premise
 is that visual-token rankings agree across layers (after the first), which the calibration's
 Kendall-tau matrix lets a user check. Tokens are ranked by the last prompt token's attention at
-the previous layer, so layer 0's attention is never used when start_layer >= 2.
+the previous layer, so layer 0's attention is never used when start_layer >= 2. A layer's count
+either stays or drops by at least `min_cut` of its live tokens (cuts.py): a deep model would
+otherwise cut a few tokens at many layers, each cut paying a selection pass.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 from typing import Any
 
 from ..flops import CostModel
+from .cuts import worth_a_cut
 from .fitprune import SearchResult
 from .objective import ScheduleScorer
 
@@ -26,7 +29,7 @@ def token_grid(visual_tokens: int, steps: int = 64) -> list[int]:
 
 def search_gsearch(scorer: ScheduleScorer, costs: CostModel, *, start_layer: int = 2, tolerance: float = 0.0,
                    steps: int = 64, rule: str = RULE, deadline: float | None = None,
-                   validation: ScheduleScorer | None = None) -> SearchResult:
+                   validation: ScheduleScorer | None = None, min_cut: float = 0.0) -> SearchResult:
     """Greedy bisection per layer; the metric is assumed monotone in the count (as the paper does).
     Tokens are chosen by `rule` where it reads (`ScheduleScorer.rule_plan`). Past `deadline`
     (time.monotonic()) no further layer is searched: the layers left keep the last count found,
@@ -50,7 +53,8 @@ def search_gsearch(scorer: ScheduleScorer, costs: CostModel, *, start_layer: int
         if deadline is not None and time.monotonic() > deadline:
             stopped = layer
             break
-        candidates = [g for g in grid if g <= counts[layer - 1]]
+        live = counts[layer - 1]
+        candidates = [g for g in grid if worth_a_cut(live - g, live, min_cut)] + [live]
         lo, hi = 0, len(candidates) - 1  # candidates[hi] is the previous layer's count: known to pass
         while lo < hi:
             mid = (lo + hi) // 2
@@ -70,7 +74,8 @@ def search_gsearch(scorer: ScheduleScorer, costs: CostModel, *, start_layer: int
                                          "validation_samples": len(validation.data)}
     return SearchResult(
         tuple(counts), "gsearch",
-        {"start_layer": start_layer, "tolerance": tolerance, "grid_steps": steps, "metric": scorer.metric},
+        {"start_layer": start_layer, "tolerance": tolerance, "grid_steps": steps, "metric": scorer.metric,
+         "min_cut": min_cut},
         plan.rule.name, plan.rule.params(), plan.score_layer,
         {"unpruned_value": base.value, "value": final.value, "agreement": final.agreement, "kl": final.kl,
          "evaluations": scorer.evaluations, "layers_run": scorer.layers_run, "stopped_at_layer": stopped,

@@ -2,7 +2,7 @@
 
     r(l) = 1                                        for l < s (start layer)
     r(l) = r_min + (1 - r_min) / (1 + exp(k (l - m)))  otherwise
-    n_l  = round(N r(l)), then forced non-increasing
+    n_l  = round(N r(l)), then forced non-increasing, drops under `min_cut` held back (cuts.py)
 
 For every proposal (k, m) the floor r_min is bisected so the schedule meets the budget exactly
 (the largest floor that fits; if none fits, the midpoint is first moved earlier until one does),
@@ -23,6 +23,7 @@ import numpy as np
 
 from ..budget import Budget
 from ..flops import CostModel
+from .cuts import held_counts
 from .fitprune import InfeasibleBudgetError, SearchResult
 from .gsearch import RULE
 from .objective import Evaluation, ScheduleScorer, merit_keys
@@ -33,23 +34,20 @@ INFEASIBLE = -1.0  # told to the optimiser when no floor meets the budget for (k
 
 
 def sigmoid_schedule(visual_tokens: int, layers: int, start: int, floor: float, slope: float,
-                     midpoint: float) -> tuple[int, ...]:
-    counts, current = [], visual_tokens
-    for layer in range(layers):
+                     midpoint: float, min_cut: float = 0.0) -> tuple[int, ...]:
+    def ratio(layer: int) -> float:
         if layer < start:
-            ratio = 1.0
-        else:
-            z = min(60.0, max(-60.0, slope * (layer - midpoint)))
-            ratio = floor + (1 - floor) / (1 + math.exp(z))
-        current = min(current, round(visual_tokens * ratio))
-        counts.append(current)
-    return tuple(counts)
+            return 1.0
+        z = min(60.0, max(-60.0, slope * (layer - midpoint)))
+        return floor + (1 - floor) / (1 + math.exp(z))
+
+    return held_counts(map(ratio, range(layers)), visual_tokens, min_cut)
 
 
 def fit_floor(visual_tokens: int, layers: int, start: int, slope: float, midpoint: float, budget: Budget,
-              costs: CostModel, iterations: int = 40) -> tuple[float, tuple[int, ...]] | None:
+              costs: CostModel, iterations: int = 40, min_cut: float = 0.0) -> tuple[float, tuple[int, ...]] | None:
     """The largest floor r_min in [0, 1] whose schedule meets the budget, or None if none does."""
-    make = lambda f: sigmoid_schedule(visual_tokens, layers, start, f, slope, midpoint)  # noqa: E731
+    make = lambda f: sigmoid_schedule(visual_tokens, layers, start, f, slope, midpoint, min_cut)  # noqa: E731
     if not budget.is_met(make(0.0), costs):
         return None
     if budget.is_met(make(1.0), costs):
@@ -62,7 +60,7 @@ def fit_floor(visual_tokens: int, layers: int, start: int, slope: float, midpoin
 
 
 def fit_proposal(visual_tokens: int, layers: int, start: int, slope: float, midpoint: float, budget: Budget,
-                 costs: CostModel) -> tuple[float, float, tuple[int, ...]] | None:
+                 costs: CostModel, min_cut: float = 0.0) -> tuple[float, float, tuple[int, ...]] | None:
     """(midpoint used, floor, schedule) for a proposal, repairing an over-budget midpoint.
 
     When no floor makes (slope, midpoint) meet the budget, the sigmoid still keeps too many tokens
@@ -70,16 +68,19 @@ def fit_proposal(visual_tokens: int, layers: int, start: int, slope: float, midp
     does fit, so that most proposals still teach the optimiser something. None if even the start
     layer is too late.
     """
-    fitted = fit_floor(visual_tokens, layers, start, slope, midpoint, budget, costs)
+    def fit(at: float) -> tuple[float, tuple[int, ...]] | None:
+        return fit_floor(visual_tokens, layers, start, slope, at, budget, costs, min_cut=min_cut)
+
+    fitted = fit(midpoint)
     if fitted is not None:
         return (midpoint, *fitted)
-    if fit_floor(visual_tokens, layers, start, slope, float(start), budget, costs) is None:
+    if fit(float(start)) is None:
         return None
     lo, hi = float(start), midpoint
     for _ in range(20):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if fit_floor(visual_tokens, layers, start, slope, mid, budget, costs) else (lo, mid)
-    floor, counts = fit_floor(visual_tokens, layers, start, slope, lo, budget, costs)  # type: ignore[misc]
+        lo, hi = (mid, hi) if fit(mid) else (lo, mid)
+    floor, counts = fit(lo)  # type: ignore[misc]
     return lo, floor, counts
 
 
@@ -100,16 +101,17 @@ def fit_to_curve(counts: Sequence[int], visual_tokens: int, start: int) -> dict[
     return best
 
 
-def leanest_schedule(visual_tokens: int, layers: int, start: int) -> tuple[int, ...]:
+def leanest_schedule(visual_tokens: int, layers: int, start: int, min_cut: float = 0.0) -> tuple[int, ...]:
     """The cheapest schedule a P-Sigmoid from `start` can propose: floor 0, the steepest slope and
     the earliest midpoint (the search space's bounds), so half the tokens still enter `start`."""
-    return sigmoid_schedule(visual_tokens, layers, start, 0.0, SLOPE_RANGE[1], float(start))
+    return sigmoid_schedule(visual_tokens, layers, start, 0.0, SLOPE_RANGE[1], float(start), min_cut)
 
 
-def check_feasible(visual_tokens: int, layers: int, start: int, budget: Budget, costs: CostModel) -> None:
+def check_feasible(visual_tokens: int, layers: int, start: int, budget: Budget, costs: CostModel,
+                   min_cut: float = 0.0) -> None:
     """Fail before any trial when no proposal from `start` can meet the budget (closed form: the
     leanest sigmoid), instead of spending every trial on proposals that cannot."""
-    lean = leanest_schedule(visual_tokens, layers, start)
+    lean = leanest_schedule(visual_tokens, layers, start, min_cut)
     if not budget.is_met(lean, costs):
         raise InfeasibleBudgetError(
             f"budget {budget.text} cannot be met by a P-Sigmoid from layer {start}: its leanest schedule costs "
@@ -117,13 +119,14 @@ def check_feasible(visual_tokens: int, layers: int, start: int, budget: Budget, 
         )
 
 
-def feasible_start(visual_tokens: int, layers: int, preferred: int, budget: Budget, costs: CostModel) -> int:
+def feasible_start(visual_tokens: int, layers: int, preferred: int, budget: Budget, costs: CostModel,
+                   min_cut: float = 0.0) -> int:
     """`preferred`, or the latest earlier start layer whose leanest sigmoid meets the budget; a
     one-line error naming the smallest budget any start can meet when none does."""
     for start in range(min(preferred, layers - 1), -1, -1):
-        if budget.is_met(leanest_schedule(visual_tokens, layers, start), costs):
+        if budget.is_met(leanest_schedule(visual_tokens, layers, start, min_cut), costs):
             return start
-    smallest = budget.achieved(leanest_schedule(visual_tokens, layers, 0), costs)
+    smallest = budget.achieved(leanest_schedule(visual_tokens, layers, 0, min_cut), costs)
     raise InfeasibleBudgetError(
         f"budget {budget.text} cannot be met by a P-Sigmoid on this model: the smallest it can reach "
         f"(from layer 0) is {smallest:.1%}" + (" of the FLOPs" if budget.kind == "flops" else ""))
@@ -141,10 +144,11 @@ def search_space(layers: int, start: int, rules: Sequence[str] = (), starts: Seq
     return Space({"slope": SLOPE_RANGE, "midpoint": (float(low), float(layers - 1))}, choices)
 
 
-def feasible_starts(visual_tokens: int, layers: int, latest: int, budget: Budget, costs: CostModel) -> tuple[int, ...]:
+def feasible_starts(visual_tokens: int, layers: int, latest: int, budget: Budget, costs: CostModel,
+                    min_cut: float = 0.0) -> tuple[int, ...]:
     """Start layers 0..`latest` from which some sigmoid meets the budget (closed form)."""
     return tuple(s for s in range(min(latest, layers - 1) + 1)
-                 if budget.is_met(leanest_schedule(visual_tokens, layers, s), costs))
+                 if budget.is_met(leanest_schedule(visual_tokens, layers, s, min_cut), costs))
 
 
 @dataclass
@@ -159,6 +163,7 @@ class PSigmoidRun:
     worker: str = "main"
     rule: str = RULE  # when the space has no "rule" choice
     deadline: float | None = None  # time.monotonic() after which no new trial starts
+    min_cut: float = 0.0  # cuts.py: drops smaller than this share of the live tokens wait
 
     def trial(self) -> bool:
         """Ask, fit the floor, score, tell; True if a trial was recorded.
@@ -174,7 +179,7 @@ class PSigmoidRun:
                 return False
             start = int(trial.params.get("start", self.start_layer))
             fitted = fit_proposal(n, layers, start, trial.params["slope"], trial.params["midpoint"],
-                                  self.budget, self.costs)
+                                  self.budget, self.costs, self.min_cut)
             # user attributes: what optuna-dashboard shows for each trial
             attrs: dict[str, Any] = {"feasible": fitted is not None, "worker": self.worker, "start": start,
                                      "rule": trial.params.get("rule", self.rule)}
