@@ -42,8 +42,8 @@ STUDIES = Path.home() / ".cache" / "recipe-search" / "studies"
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """Knobs of the searches: the output-scoring ones use most; FitPrune start_layer and min_cut, the
-    baselines start_layer only."""
+    """Knobs of the searches: the output-scoring ones use most; FitPrune start_layer and min_cut (which
+    every schedule but the baselines' single cut also follows), the baselines start_layer only."""
 
     start_layer: int | None = None
     metric: str | None = None          # None: accuracy for `auto` when every sample has an answer, else agreement
@@ -62,7 +62,7 @@ class SearchOptions:
     time_budget: float = 600.0          # auto: seconds for the whole search, over every budget
     validation_share: float = 0.5       # auto: share of the calibration samples kept for picking only
     merge_threshold: float | None = auto.MERGE_THRESHOLD  # auto: tried beside plain dropping (None: never merge)
-    min_cut: float = MIN_CUT            # every schedule maker but the baselines': a layer cuts only when it drops this share of its live tokens (cuts.py)
+    min_cut: float = MIN_CUT            # a layer cuts only when it drops this share of its live tokens (cuts.py)
     progress: Callable[[int, dict[str, Any]], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

@@ -409,6 +409,26 @@ def make_plans(configs: list[Config], n: int, bounds_text: str) -> tuple[dict[st
     return plans, bounds
 
 
+def twins(rows: list[Row], suffix: str) -> list[tuple[Config, Config]]:
+    """Each timed configuration with its twin `<name><suffix>` (the same pick timed another way)."""
+    names = {r.config.name: r.config for r in rows}
+    return [(r.config, names[r.config.name + suffix]) for r in rows if r.config.name + suffix in names]
+
+
+def emit_twins(emit: Callable[[str], None], pairs: list[tuple[Config, Config]], intro: str, header: str,
+               line: Callable[[Config, Config], str]) -> None:
+    """A table of one line per pair, under `intro`; nothing when there are no pairs."""
+    if not pairs:
+        return
+    emit()
+    emit(intro)
+    emit()
+    emit(header)
+    emit("|---|" + "---:|" * (header.count("|") - 2))
+    for a, b in pairs:
+        emit(line(a, b))
+
+
 def prefill_section(model: Any, adapter: Any, configs: list[Config], plans: dict[str, Any], bounds: list[Config],
                     n: int, batch: int, rounds: int, label: str, floors: dict[str, float],
                     log: Callable[[str], None], emit: Callable[[str], None]) -> None:
@@ -425,31 +445,18 @@ def prefill_section(model: Any, adapter: Any, configs: list[Config], plans: dict
     emit()
     for line in lines:
         emit(line)
-    scoring = [(r, next((b for b in rows if b.config.name == r.config.name + " (random rule)"), None)) for r in rows]
-    scoring = [(r, b) for r, b in scoring if b is not None]
-    if scoring:
-        emit()
-        emit("What the FitPrune rule's selection costs (its row minus the same schedule with the random rule; "
-             "cuts = layers where the count drops):")
-        emit()
-        emit("| schedule | cuts | selection ms (median) | share of the configuration's time |")
-        emit("|---|---:|---:|---:|")
-        for r, b in scoring:
-            extra = statistics.median(r.wall) - statistics.median(b.wall)
-            emit(f"| {r.config.name} | {cut_count(r.config.counts, n)} | {extra * 1000:.0f} | "
-                 f"{extra / statistics.median(r.wall):.1%} |")
-    pairs = [(r, next((p for p in rows if p.config.name == r.config.name + " (min_cut 0)"), None)) for r in rows]
-    pairs = [(r, p) for r, p in pairs if p is not None]
-    if pairs:
-        emit()
-        emit("What min_cut changes (the same pick carried here with min_cut 0, i.e. every drop of its curve is a cut):")
-        emit()
-        emit("| configuration | cuts (min_cut 0 -> default) | meas/pred (min_cut 0 -> default) | median ms saved |")
-        emit("|---|---:|---:|---:|")
-        for r, p in pairs:
-            saved = statistics.median(p.wall) - statistics.median(r.wall)
-            emit(f"| {r.config.name} | {cut_count(p.config.counts, n)} -> {cut_count(r.config.counts, n)} | "
-                 f"{ratios[p.config.name]:.3f} -> {ratios[r.config.name]:.3f} | {saved * 1000:.0f} |")
+    median = {r.config.name: statistics.median(r.wall) for r in rows}
+    emit_twins(emit, twins(rows, " (random rule)"),
+               "What the FitPrune rule's selection costs (its row minus the same schedule with the random rule; "
+               "cuts = layers where the count drops):",
+               "| schedule | cuts | selection ms (median) | share of the configuration's time |",
+               lambda r, b: f"| {r.name} | {cut_count(r.counts, n)} | {(median[r.name] - median[b.name]) * 1000:.0f} | "
+                            f"{(median[r.name] - median[b.name]) / median[r.name]:.1%} |")
+    emit_twins(emit, twins(rows, " (min_cut 0)"),
+               "What min_cut changes (the same pick carried here with min_cut 0, i.e. every drop of its curve is a cut):",
+               "| configuration | cuts (min_cut 0 -> default) | meas/pred (min_cut 0 -> default) | median ms saved |",
+               lambda r, p: f"| {r.name} | {cut_count(p.counts, n)} -> {cut_count(r.counts, n)} | "
+                            f"{ratios[p.name]:.3f} -> {ratios[r.name]:.3f} | {(median[p.name] - median[r.name]) * 1000:.0f} |")
     key = f"b{batch}{label}"
     floors[f"{key} keep-all overhead: time in its hooks / bare"] = ratios["keep-all hooks"]
     floors[f"{key} keep-all overhead"] = 1 / (ratios["keep-all"]) - 1
