@@ -416,8 +416,9 @@ def _run_search(argv: Sequence[str]) -> int:
     _check_start_layer(args.start_layer)
     if args.min_cut is not None and "min_cut" not in METHODS[args.method].run_options:
         takers = [name for name, m in METHODS.items() if "min_cut" in m.run_options]
-        raise ValueError(f"--min-cut shapes searched schedules: use it with --method {', '.join(takers[:-1])} or "
-                         f"{takers[-1]}, not {args.method} (its one cut is as large as the budget needs)")
+        listed = " or ".join(filter(None, (", ".join(takers[:-1]), takers[-1])))
+        raise ValueError(f"--min-cut shapes searched schedules: use it with --method {listed}, not {args.method} "
+                         "(its one cut is as large as the budget needs)")
     check_writable(args.out, args.plot)
     if not 0 <= args.tolerance < 1:
         raise ValueError(f"--tolerance must be in [0, 1), got {args.tolerance}")
