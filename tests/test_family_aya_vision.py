@@ -9,17 +9,16 @@ crops (rows with other crop counts match the rows alone); logits without Cohere'
 """
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
 import torch
-from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor, Cohere2Config,
                           GotOcr2ImageProcessorPil, PreTrainedTokenizerFast, SiglipVisionConfig)
 
-from tiny_models import left_pad
+from tiny_models import left_pad, random_image
+from tiny_llava_families import run_search, write_calibration
 from checks import (assert_cached_decode_equals_reforward, assert_decode_masks_equal_model_masks,
                     assert_keep_all_identical, assert_manual_continuation_matches_generate, assert_rows_alone,
                     assert_score_rows_match_eager, layer_contexts)
@@ -218,11 +217,6 @@ def checkpoint(tmp_path_factory, sdpa):
     return folder
 
 
-def _image(seed: int, size: tuple[int, int]) -> Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(size[1], size[0], 3, generator=gen) * 255).byte().numpy())
-
-
 def test_processor_without_torchvision_gives_model_inputs(checkpoint, sdpa):
     """load_processor rebuilds the saved processor from PIL parts; a wide image gives two tiles and
     the thumbnail (three crops of 16 patch tokens, each its own selection unit), a square one one crop."""
@@ -230,7 +224,8 @@ def test_processor_without_torchvision_gives_model_inputs(checkpoint, sdpa):
     processor = type(adapter).load_processor(str(checkpoint))
     assert isinstance(processor.image_processor, GotOcr2ImageProcessorPil)
     assert getattr(processor, "video_processor", None) is None
-    inputs = adapter.build_inputs(processor, [_image(0, (64, 32)), [_image(1, (30, 30)), _image(2, (20, 24))]],
+    inputs = adapter.build_inputs(processor, [random_image(0, (64, 32)),
+                                              [random_image(1, (30, 30)), random_image(2, (20, 24))]],
                                   ["what colour is it ?", "left and right"])
     ids = inputs["input_ids"]
     assert (ids == PATCH).sum(1).tolist() == [3 * N_CROP, 2 * N_CROP]
@@ -245,20 +240,6 @@ def test_processor_without_torchvision_gives_model_inputs(checkpoint, sdpa):
 
 
 def test_search_recipe_end_to_end(checkpoint, tmp_path):
-    from recipe_search.cli import main
-
-    lines = []
-    for i, size in enumerate([(32, 32), (64, 32), (40, 40), (32, 64)]):
-        _image(10 + i, size).save(tmp_path / f"x{i}.png")
-        lines.append({"image": f"x{i}.png", "prompt": "what colour is the shape ?"})
-    lines.append({"image": ["x0.png", "x2.png"], "prompt": "left and right"})
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    out = tmp_path / "out"
-    code = main(["--model", str(checkpoint), "--calib", str(tmp_path / "data.jsonl"), "--budget", "50%", "--n-trials", "4",
-                 "--eval", "none", "--out", str(out), "--quiet", "--threads", "1",
-                 "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4"])
-    assert code == 0
-    recipes = list(out.glob("*.json"))
-    assert len(recipes) == 1
-    recipe = json.loads(recipes[0].read_text())
-    assert recipe["format"] == "recipe-search/recipe" and "aya_vision" in json.dumps(recipe)
+    sizes = [(32, 32), (64, 32), (40, 40), (32, 64)]
+    calib = write_calibration(tmp_path / "data", sizes, prompts=("what colour is the shape ?",), pairs=((0, 2),))
+    run_search(checkpoint, calib, tmp_path / "out", num_samples=5, family="aya_vision", batch_size=4)

@@ -9,8 +9,6 @@ but Gemma3ForConditionalGeneration ignores it, and a processor built without tor
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from PIL import Image
@@ -18,7 +16,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor,
                           Gemma3TextConfig, PreTrainedTokenizerFast, SiglipVisionConfig)
 
-from tiny_models import left_pad
+from tiny_models import left_pad, random_image
+from tiny_llava_families import run_search, write_calibration
 from checks import (assert_cached_decode_equals_reforward, assert_decode_masks_equal_model_masks,
                     assert_keep_all_identical, assert_manual_continuation_matches_generate, assert_rows_alone,
                     assert_score_rows_match_eager)
@@ -279,8 +278,7 @@ def checkpoint(tmp_path_factory, sdpa):
 
 
 def _image(seed: int, size: tuple[int, int] = (40, 28)) -> Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(size[1], size[0], 3, generator=gen) * 255).byte().numpy())
+    return random_image(seed, size)
 
 
 def test_processor_without_torchvision_gives_model_inputs(checkpoint, sdpa):
@@ -308,21 +306,6 @@ def test_processor_without_torchvision_gives_model_inputs(checkpoint, sdpa):
 
 
 def test_search_recipe_end_to_end(checkpoint, tmp_path):
-    from recipe_search.cli import main
-
-    lines = []
-    for i in range(4):
-        _image(10 + i).save(tmp_path / f"x{i}.png")
-        lines.append({"image": f"x{i}.png", "prompt": "what colour is the shape ?"})
-    lines.append({"image": ["x0.png", "x1.png"], "prompt": "left and right"})
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    out = tmp_path / "out"
-    code = main(["--model", str(checkpoint), "--calib", str(tmp_path / "data.jsonl"), "--budget", "50%", "--n-trials", "4",
-                 "--eval", "none", "--out", str(out), "--quiet", "--threads", "1",
-                 "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4"])
-    assert code == 0
-    recipes = list(out.glob("*.json"))
-    assert len(recipes) == 1
-    recipe = json.loads(recipes[0].read_text())
-    assert recipe["format"] == "recipe-search/recipe"
-    assert json.dumps(recipe).count("gemma3") >= 1
+    calib = write_calibration(tmp_path / "data", [(40, 28)] * 4, prompts=("what colour is the shape ?",),
+                              pairs=((0, 1),))
+    run_search(checkpoint, calib, tmp_path / "out", num_samples=5, family="gemma3", batch_size=4)

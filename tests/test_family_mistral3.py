@@ -17,12 +17,12 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil,
                           PreTrainedTokenizerFast)
 
-from tiny_models import left_pad
+from tiny_models import left_pad, random_image
+from tiny_llava_families import run_search, write_calibration
 from checks import (assert_cached_decode_equals_reforward, assert_decode_masks_equal_model_masks,
                     assert_keep_all_identical, assert_manual_continuation_matches_generate, assert_rows_alone,
                     assert_score_rows_match_eager)
@@ -276,11 +276,6 @@ def checkpoint(request, tmp_path_factory, sdpa):
     return folder
 
 
-def _image(seed: int, size: tuple[int, int]) -> Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(size[1], size[0], 3, generator=gen) * 255).byte().numpy())
-
-
 @needs_no_torchvision
 def test_processor_without_torchvision_gives_model_inputs(checkpoint, sdpa):
     """load_processor builds the image-only processor from the folder's saved settings (either layout).
@@ -295,7 +290,7 @@ def test_processor_without_torchvision_gives_model_inputs(checkpoint, sdpa):
     assert processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
                                                                        {"type": "text", "text": "what ?"}]}],
                                          add_generation_prompt=True, tokenize=False) == "<s>[INST][IMG] what ? [/INST]"
-    images = [[_image(0, (20, 30)), _image(1, (100, 50))], _image(2, (48, 24))]  # (width, height)
+    images = [[random_image(0, (20, 30)), random_image(1, (100, 50))], random_image(2, (48, 24))]  # (width, height)
     inputs = adapter.build_inputs(processor, images, ["left and right", "what colour is the shape ?"])
     assert list(inputs) == ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
     assert inputs["image_sizes"].tolist() == [[32, 24], [32, 64], [24, 48]]
@@ -332,24 +327,10 @@ def test_processor_without_torchvision_gives_model_inputs(checkpoint, sdpa):
 def test_processor_refuses_placeholders_without_images(checkpoint, sdpa):
     processor = type(get_adapter(sdpa)).load_processor(str(checkpoint))
     with pytest.raises(ValueError, match=r"2 \[IMG\] placeholders for 1 images"):
-        processor(images=[_image(0, (16, 16))], text=["<s>[INST][IMG][IMG] what [/INST]"])
+        processor(images=[random_image(0, (16, 16))], text=["<s>[INST][IMG][IMG] what [/INST]"])
 
 
 def test_search_recipe_end_to_end(checkpoint, tmp_path):
-    from recipe_search.cli import main
-
-    lines = []
-    for i, size in enumerate([(32, 32), (64, 32), (40, 24), (100, 50)]):
-        _image(10 + i, size).save(tmp_path / f"x{i}.png")
-        lines.append({"image": f"x{i}.png", "prompt": "what colour is the shape ?"})
-    lines.append({"image": ["x0.png", "x2.png"], "prompt": "left and right"})
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    out = tmp_path / "out"
-    code = main(["--model", str(checkpoint), "--calib", str(tmp_path / "data.jsonl"), "--budget", "50%", "--n-trials", "4",
-                 "--eval", "none", "--out", str(out), "--quiet", "--threads", "1",
-                 "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4"])
-    assert code == 0
-    recipes = list(out.glob("*.json"))
-    assert len(recipes) == 1
-    recipe = json.loads(recipes[0].read_text())
-    assert recipe["format"] == "recipe-search/recipe" and "mistral3" in json.dumps(recipe)
+    sizes = [(32, 32), (64, 32), (40, 24), (100, 50)]
+    calib = write_calibration(tmp_path / "data", sizes, prompts=("what colour is the shape ?",), pairs=((0, 2),))
+    run_search(checkpoint, calib, tmp_path / "out", num_samples=5, family="mistral3", batch_size=4)

@@ -69,24 +69,29 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
                                    padding_side="left", model_max_length=4096)
 
 
-def write_calibration(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> Path:
-    """`folder/data.jsonl` with one {"image", "prompt"} line per (width, height) in `sizes`, PNGs beside it."""
+def write_calibration(folder: Path, sizes: list[tuple[int, int]], seed: int = 0, prompts: tuple[str, ...] = PROMPTS,
+                      pairs: tuple[tuple[int, int], ...] = ()) -> Path:
+    """`folder/data.jsonl` with one {"image", "prompt"} line per (width, height) in `sizes`, PNGs beside it,
+    then one two-image line ("left and right") per pair of those images' indices in `pairs`."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
     for i, (w, h) in enumerate(sizes):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-        lines.append(json.dumps({"image": f"img{i}.png", "prompt": PROMPTS[i % len(PROMPTS)]}))
+        lines.append(json.dumps({"image": f"img{i}.png", "prompt": prompts[i % len(prompts)]}))
+    lines += [json.dumps({"image": [f"img{a}.png", f"img{b}.png"], "prompt": "left and right"}) for a, b in pairs]
     path = folder / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def run_search(checkpoint: Path, calib: Path, out: Path, num_samples: int, family: str) -> object:
+def run_search(checkpoint: Path, calib: Path, out: Path, num_samples: int, family: str,
+               batch_size: int = 8) -> object:
     """`search-recipe --model DIR --calib data.jsonl --budget 50% --eval none --quiet`: exit 0, one
     recipe written for `family`, its achieved FLOPs within the budget."""
     argv = ["--model", str(checkpoint), "--calib", str(calib), "--budget", "50%", "--n-trials", "4", "--eval", "none",
-            "--num-samples", str(num_samples), "--out", str(out), "--cache-dir", str(out / "cache"), "--quiet"]
+            "--num-samples", str(num_samples), "--out", str(out), "--cache-dir", str(out / "cache"), "--quiet",
+            "--batch-size", str(batch_size)]
     assert main(argv) == 0
     recipes = sorted(out.glob("*.json"))
     assert len(recipes) == 1, recipes

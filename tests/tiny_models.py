@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -38,6 +39,12 @@ def tiny_llava(attn: str = "sdpa", seed: int = 0, layers: int = 6, tower: str = 
     model = LlavaForConditionalGeneration(config).eval()
     model.set_attn_implementation(attn)
     return model
+
+
+def random_image(seed: int, size: tuple[int, int]) -> Image.Image:
+    """A seeded RGB noise image of `size` (width, height)."""
+    gen = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(size[1], size[0], 3, generator=gen) * 255).byte().numpy())
 
 
 def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
