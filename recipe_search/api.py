@@ -96,7 +96,7 @@ def search(model: Any, data: Any, budget: str | float | Sequence[str | float] | 
     another method's recipes; the remaining keyword options are those of the searches (`pipeline.SearchOptions`:
     start_layer, metric, tolerance, optimizer, n_trials, seed, storage, images, time_budget, ...).
     """
-    from .methods import METHODS
+    from .methods import METHODS, check_run_options
     from .pipeline import SearchOptions, search_recipes
 
     method = method or DEFAULT_METHOD
@@ -107,6 +107,7 @@ def search(model: Any, data: Any, budget: str | float | Sequence[str | float] | 
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown search option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    check_run_options(method, sorted(options))
     budgets = [] if budgetless else _budgets(budget, formula)
     if not budgets and not budgetless:
         raise ValueError("give a budget, e.g. budget='50%'")

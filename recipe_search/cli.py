@@ -405,7 +405,7 @@ def _run_search(argv: Sequence[str]) -> int:
         budgets = []
     else:  # validate before any heavy import or loading
         budgets = parse_budgets("50%" if args.budget is None else args.budget, args.formula)
-    from .methods import METHODS
+    from .methods import METHODS, check_run_options
 
     if args.num_samples is None:
         args.num_samples = METHODS[args.method].calibration_samples
@@ -414,11 +414,8 @@ def _run_search(argv: Sequence[str]) -> int:
     if not args.time_budget > 0:
         raise ValueError(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     _check_start_layer(args.start_layer)
-    if args.min_cut is not None and "min_cut" not in METHODS[args.method].run_options:
-        takers = [name for name, m in METHODS.items() if "min_cut" in m.run_options]
-        listed = " or ".join(filter(None, (", ".join(takers[:-1]), takers[-1])))
-        raise ValueError(f"--min-cut shapes searched schedules: use it with --method {listed}, not {args.method} "
-                         "(its one cut is as large as the budget needs)")
+    check_run_options(args.method, ["min_cut"] if args.min_cut is not None else [],
+                      lambda option: "--" + option.replace("_", "-"))
     check_writable(args.out, args.plot)
     if not 0 <= args.tolerance < 1:
         raise ValueError(f"--tolerance must be in [0, 1), got {args.tolerance}")

@@ -68,6 +68,9 @@ def test_search_refuses_what_it_cannot_use(random_demo, demo_records):
     model, processor, _ = random_demo
     with pytest.raises(ValueError, match="unknown search option 'n_trails'"):
         recipe_search.search(model, demo_records, "50%", processor=processor, n_trails=3)
+    with pytest.raises(ValueError, match="^min_cut is read by --method auto, fitprune, gsearch or psigmoid only, "
+                                         "not by fastv$"):
+        recipe_search.search(model, demo_records, "50%", processor=processor, method="fastv", min_cut=0.2)
     with pytest.raises(ValueError, match="needs its processor"):
         recipe_search.search(model, demo_records, "50%")
     with pytest.raises(DataError, match="record 0: needs 'image' and 'prompt'"):

@@ -8,7 +8,7 @@ The command line's choices and help come from here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from ..registry import Registry
 from .baselines import search_fastv, search_uniform
@@ -32,6 +32,16 @@ class Method:
 METHODS: Registry[Method] = Registry("search method")
 
 
+def check_run_options(method: str, given: Iterable[str], spell: Callable[[str], str] = str) -> None:
+    """One line when an option only some methods read (a `run_options` name) is given for a method that
+    would silently ignore it; `spell` names it as the caller's user wrote it (e.g. "--min-cut")."""
+    for option in given:
+        takers = [name for name, m in METHODS.items() if option in m.run_options]
+        if takers and option not in METHODS.get(method).run_options:
+            listed = " or ".join(filter(None, (", ".join(takers[:-1]), takers[-1])))
+            raise ValueError(f"{spell(option)} is read by --method {listed} only, not by {method}")
+
+
 def register_method(method: Method) -> Method:
     """Make `method` available to `search()`, the pipeline and `--method` (a name only once)."""
     return METHODS.register(method.name, method)
@@ -49,5 +59,5 @@ register_method(Method("psigmoid", "P-Sigmoid (sigmoid schedule tuned by Bayesia
 register_method(Method("fastv", "baseline FastV (one drop at layer 2)", 2, run=search_fastv))
 register_method(Method("uniform", "baseline uniform (the same count at every layer)", 0, run=search_uniform))
 
-__all__ = ["METHODS", "InfeasibleBudgetError", "Method", "SearchResult", "fit_schedule", "register_method",
-           "search_fastv", "search_fitprune", "search_uniform"]
+__all__ = ["METHODS", "InfeasibleBudgetError", "Method", "SearchResult", "check_run_options", "fit_schedule",
+           "register_method", "search_fastv", "search_fitprune", "search_uniform"]
