@@ -62,6 +62,7 @@ a few minutes).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import platform
@@ -125,20 +126,29 @@ def text_tokens() -> int:
 
 
 # -- schedules ------------------------------------------------------------------------------------
-def demo_statistics(num_layers: int, visual_tokens: int) -> Any:
-    """The demo model's calibration statistics (trained weights, 64 samples), resampled to this
-    model's visual tokens (mass-preserving, as calibration does) and layers (nearest demo layer)."""
+@functools.cache
+def demo_calibration() -> Any:
+    """The demo model's calibration statistics (trained weights, 64 samples), computed once per run:
+    every depth and token count resamples the same ones."""
     import tempfile
 
     from recipe_search.calibration import calibrate, demo_samples
-    from recipe_search.calibration.collect import resample_tokens
     from recipe_search.demo import demo_checkpoint
     from recipe_search.models.loading import load_model
-    from recipe_search.stats import CalibrationStats
 
     model, processor, adapter = load_model(demo_checkpoint())
     with tempfile.TemporaryDirectory() as tmp:
         stats, _ = calibrate(model, processor, adapter, demo_samples("calib", 64), cache_dir=Path(tmp), progress=False)
+    return stats
+
+
+def demo_statistics(num_layers: int, visual_tokens: int) -> Any:
+    """`demo_calibration()` resampled to this model's visual tokens (mass-preserving, as calibration
+    does) and layers (nearest demo layer)."""
+    from recipe_search.calibration.collect import resample_tokens
+    from recipe_search.stats import CalibrationStats
+
+    stats = demo_calibration()
     src = stats.num_layers
     pick = [min(src - 1, int(i * src / num_layers)) for i in range(num_layers)]
 
