@@ -266,14 +266,28 @@ def _check_positive(**values: int) -> None:
 
 @dataclass
 class _Session:
-    """A loaded model plus the unpruned reference every recipe is reported against."""
+    """A loaded model plus the unpruned reference every recipe is reported against.
+
+    The reference is measured when the first recipe is reported, not when the model is loaded: a
+    search that fails (an infeasible budget, a bad option found late) fails before an evaluation
+    that takes minutes on a large model and held-out set."""
 
     loaded: Any
     source: str
     held_out: Any
     timing: Any
-    base: Any                 # Measurement of the unpruned model
     args: argparse.Namespace
+    _base: Any = None         # Measurement of the unpruned model, once measured
+
+    @property
+    def base(self) -> Any:
+        if self._base is None:
+            from .measure import measure
+
+            self._base = measure(self.loaded, None, self.held_out, timing=self.timing,
+                                 batch_size=self.args.batch_size, progress=not self.args.quiet,
+                                 desc="eval unpruned")
+        return self._base
 
     @classmethod
     def open(cls, args: argparse.Namespace, fallback_data: str,
@@ -284,7 +298,6 @@ class _Session:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         from .calibration import load_samples
-        from .measure import measure
         from .models.loading import load_model
         from .pipeline import LoadedModel
 
@@ -309,9 +322,7 @@ class _Session:
         if args.timing:
             timing = (load_samples(eval_spec, 16, split="eval") if held_out is not None
                       else load_samples(fallback_data, 16, split="eval", **(fallback_options or {})))
-        base = measure(loaded, None, held_out, timing=timing, batch_size=args.batch_size, progress=not args.quiet,
-                       desc="eval unpruned")
-        return cls(loaded, str(source), held_out, timing, base, args)
+        return cls(loaded, str(source), held_out, timing, args)
 
     def header(self) -> None:
         import torch
@@ -328,6 +339,7 @@ class _Session:
         from .measure import measure
 
         b = recipe.budget
+        base = self.base  # measured (once) before anything of this recipe is printed
         print(f"\nbudget {b.asked}: {where}")
         print(f"  achieved: full-sequence FLOPs {b.achieved['full']:.1%}, visual-only FLOPs {b.achieved['visual']:.1%}, "
               f"mean visual tokens {b.achieved['mean_visual_tokens']:.1f}"
@@ -347,18 +359,18 @@ class _Session:
                   f"{recipe.schedule.visual_tokens} patches at vision encoder layer {recipe.vision.encoder_layer}; "
                   f"vision encoder FLOPs {b.achieved['vision_encoder']:.1%}, LM full + vision "
                   f"{b.achieved['full_with_vision']:.1%}")
-        got = measure(self.loaded, recipe, self.held_out, timing=self.timing, reference=self.base,
+        got = measure(self.loaded, recipe, self.held_out, timing=self.timing, reference=base,
                       batch_size=self.args.batch_size, progress=not self.args.quiet, desc=f"eval {b.asked}")
         if got.accuracy is not None:
-            pruned, base = got.accuracy, self.base.accuracy
-            print(f"  held-out accuracy ({self.held_out.source}, {pruned.total} q): unpruned {base.overall:.1%} -> "
-                  f"pruned {pruned.overall:.1%} ({pruned.overall / max(base.overall, 1e-9):.1%} kept)")
-            for qtype in base.per_type:
-                print(f"    {qtype:<10} {base.per_type[qtype]:.1%} -> {pruned.per_type.get(qtype, 0.0):.1%}")
+            pruned, unpruned = got.accuracy, base.accuracy
+            print(f"  held-out accuracy ({self.held_out.source}, {pruned.total} q): unpruned {unpruned.overall:.1%} -> "
+                  f"pruned {pruned.overall:.1%} ({pruned.overall / max(unpruned.overall, 1e-9):.1%} kept)")
+            for qtype in unpruned.per_type:
+                print(f"    {qtype:<10} {unpruned.per_type[qtype]:.1%} -> {pruned.per_type.get(qtype, 0.0):.1%}")
         if got.prefill_seconds is not None:
             print(f"  prefill wall-clock (batch {len(self.timing)}): {got.timing.describe()}")
-            print(f"  KV cache after prefill: unpruned {_mb(self.base.kv_cache_bytes)} -> pruned "
-                  f"{_mb(got.kv_cache_bytes)}; peak memory above the model: unpruned {_mb(self.base.peak_bytes)} "
+            print(f"  KV cache after prefill: unpruned {_mb(base.kv_cache_bytes)} -> pruned "
+                  f"{_mb(got.kv_cache_bytes)}; peak memory above the model: unpruned {_mb(base.peak_bytes)} "
                   f"-> pruned {_mb(got.peak_bytes)}")
 
 

@@ -97,6 +97,20 @@ def test_interrupt_writes_nothing(random_checkpoint, tmp_path, capsys, monkeypat
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.json"))
 
 
+def test_infeasible_budget_is_refused_before_any_evaluation(random_checkpoint, tmp_path, capsys, monkeypatch):
+    """The held-out evaluation of the unpruned model can take minutes on a large model: a budget the text
+    tokens alone exceed must be refused from the calibration's costs, before that evaluation runs."""
+    import recipe_search.measure as measure_module
+
+    measured = []
+    monkeypatch.setattr(measure_module, "measure", lambda *a, **k: measured.append(a) or pytest.fail("evaluated"))
+    code = main(["--model", str(random_checkpoint), "--budget", "1%", "--num-samples", "4", "--eval", "demo",
+                 "--eval-samples", "8", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+                 "--quiet"])
+    _one_line_error(capsys, code, "budget 1% cannot be met: the text tokens alone cost")
+    assert measured == []
+
+
 def test_merge_threshold_goes_into_any_methods_recipes(random_checkpoint, tmp_path, capsys):
     common = ["--model", str(random_checkpoint), "--budget", "25%", "--method", "fitprune", "--num-samples", "4",
               "--cache-dir", str(tmp_path / "cache"), "--eval", "none", "--no-timing", "--quiet"]
