@@ -37,7 +37,8 @@ def medium(budgets: list, emit: Callable[[str], None]) -> None:
     emit("| layers | budget | min_cut | cuts | LM FLOPs (full) | alpha | visual tokens entering each layer |")
     emit("|---:|---|---:|---:|---:|---:|---|")
     for layers in (8, 32):
-        adapter = get_adapter(bench_speed.build_model(layers))
+        with torch.device("meta"):  # only its shape is read: no weights are made
+            adapter = get_adapter(bench_speed.build_model(layers))
         n = adapter.visual_tokens_per_image()
         costs = CostModel(adapter.dims(), n, (bench_speed.text_tokens(),))
         stats = bench_speed.demo_statistics(layers, n)
