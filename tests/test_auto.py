@@ -75,6 +75,27 @@ def test_scaled_curve_is_the_largest_scale_within_budget(costs, budget):
     assert bigger == got or not b.is_met(bigger, costs) or got[0] == 144
 
 
+@pytest.mark.parametrize("text_tokens", [(12,) * 12, (5, 40, 17)])
+def test_an_infeasible_budget_names_the_smallest_one_that_is_met(costs, text_tokens):
+    """The named smallest budget must itself pass, and a tenth of a point less must not: a user who
+    retries with the number the error gives gets a recipe."""
+    import re
+
+    from recipe_search.methods import InfeasibleBudgetError
+
+    model = CostModel(costs.dims, 144, text_tokens)
+    layers = costs.dims.num_layers
+    with pytest.raises(InfeasibleBudgetError) as err:
+        auto.check_feasible(parse_budget("1%"), model, layers)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("budget 1% cannot be met: the text tokens alone cost")
+    smallest = float(re.search(r"smallest budget these prompts can meet is ([0-9.]+)%", message).group(1))
+    auto.check_feasible(parse_budget(f"{smallest:g}%"), model, layers)
+    with pytest.raises(InfeasibleBudgetError):
+        auto.check_feasible(parse_budget(f"{smallest - 0.1:.1f}%"), model, layers)
+    auto.check_feasible(parse_budget("1tok"), model, layers)  # no visual token at all is always a mean of 0
+
+
 def test_fixed_schedules_meet_the_budget_and_differ(loaded, searched, costs):
     _, outcome = searched
     for budget in ("50%", "25%", "12.5%"):

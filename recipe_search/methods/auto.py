@@ -23,6 +23,7 @@ short `time_budget` still ends with a sound recipe; the table of runners-up goes
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -214,9 +215,12 @@ def as_result(ranked: Sequence[Candidate], unranked: int, params: dict[str, Any]
 
 
 def check_feasible(budget: Budget, costs: CostModel, layers: int) -> None:
-    """One line naming the smallest reachable share when even dropping every visual token at layer 0
-    misses the budget (the text alone costs more)."""
+    """One line naming the smallest budget that can be met when even dropping every visual token at
+    layer 0 misses this one (the text alone costs more): rounded up, so the named budget is met."""
     leanest = schedule_from_drops(layers, costs.visual_tokens, {0: 0})
     if not budget.is_met(leanest, costs):
-        raise InfeasibleBudgetError(f"budget {budget.text or budget.describe()} cannot be met: the text tokens "
-                                    f"alone cost {budget.achieved(leanest, costs):.1%}")
+        floor = budget.achieved(leanest, costs)
+        raise InfeasibleBudgetError(
+            f"budget {budget.text or budget.describe()} cannot be met: the text tokens alone cost {floor:.2%} of "
+            f"the LM prefill FLOPs ({budget.formula}); the smallest budget these prompts can meet is "
+            f"{math.ceil(floor * 1000) / 10:g}% (every visual token dropped at layer 0)")
