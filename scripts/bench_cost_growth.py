@@ -88,8 +88,7 @@ def random_checkpoint(layers: int, folder: Path) -> Path:
 
     tokenizer = build.build_tokenizer()
     processor = build.build_processor(tokenizer)
-    config = build.build_config(tokenizer)
-    config.text_config.num_hidden_layers = layers
+    config = build.build_config(tokenizer, layers)
     torch.manual_seed(0)
     from transformers import LlavaForConditionalGeneration
 

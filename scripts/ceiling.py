@@ -1,6 +1,6 @@
 """Reference ceiling (issue 9 item 7): keep the visual tokens that hold objects first.
 
-Both trained models come from synthetic worlds that know which visual token holds an object: the demo
+The trained models come from synthetic worlds that know which visual token holds an object: the demo
 world's patch labels (`Scene.patch_labels`, one token per 8 px patch) and the tiles world's cell labels
 (`world2.Scene.cell_labels`, one token per 16 px cell after Qwen2-VL's 2x2 merger, row-major as the
 merger orders them). An oracle keeps every object token first (the tiles world's grey pebbles, never
@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipe_search.runtime.selection import Choice, ScoreContext, SelectionRule
-from trained_models import add_model_options  # scripts/trained_models.py
+from trained_models import add_model_options, demo_world  # scripts/trained_models.py
 
 
 def oracle_order(is_object: Sequence[bool]) -> torch.Tensor:
@@ -47,7 +47,7 @@ def oracle_order(is_object: Sequence[bool]) -> torch.Tensor:
 
 def object_flags(spec: str, held_out: Any) -> list[list[bool]]:
     """Per held-out sample (in order), which of its visual tokens hold an object, from the world that drew it."""
-    if spec == "demo":
+    if spec == "demo" or demo_world(spec):
         from recipe_search.demo.world import BLANK, QUESTION_TYPES, sample_item
 
         scenes = [sample_item("eval", 0, i, QUESTION_TYPES[i % len(QUESTION_TYPES)])[0]

@@ -11,13 +11,18 @@ resampled) are listed too, with their cut counts; their prefill times are in ben
     python scripts/fitprune_min_cut.py --model demo [--budgets 50%,25%,12.5%] [--eval-samples 1000]
     python scripts/fitprune_min_cut.py --model ~/.cache/recipe-search/second-model
     python scripts/fitprune_min_cut.py --medium-only
+    python scripts/fitprune_min_cut.py --model ~/.cache/recipe-search/deep-demo --psigmoid-trials 32
+        (a 24-layer demo-world model: scripts/train_demo_model.py --layers 24 --out that folder)
+
+With --psigmoid-trials, P-Sigmoid's pick at each budget is measured too, and the same curve with
+min_cut 0 (floor re-fitted), so what holding small drops costs in accuracy is measured on its own.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -65,18 +70,63 @@ def trained(spec: str, args: argparse.Namespace, budgets: list, emit: Callable[[
     base = measure(loaded, None, held_out)
     assert base.accuracy is not None, f"{spec}: the held-out data needs answers"
     n = stats.visual_tokens
-    emit(f"\n## {spec}: {held_out.source}, {base.accuracy.total} questions, unpruned accuracy "
-         f"{base.accuracy.overall:.1%}; FitPrune rule, calibration {len(calib.samples)} samples\n")
+
+    def row(budget: Any, label: str, plan: Any) -> str:
+        acc = measure(loaded, plan, held_out, reference=base).accuracy
+        assert acc is not None and base.accuracy is not None
+        counts = plan.counts
+        return (f"| {budget.text} | {label} | {cut_count(counts, n)} | {costs.fraction(counts, 'full'):.1%} | "
+                f"{acc.overall:.1%} | {acc.overall / base.accuracy.overall:.1%} | {' '.join(map(str, counts))} |")
+
+    emit(f"\n## {spec}: {loaded.adapter.dims().num_layers} layers, {held_out.source}, {base.accuracy.total} "
+         f"questions, unpruned accuracy {base.accuracy.overall:.1%}; FitPrune rule, calibration "
+         f"{len(calib.samples)} samples\n")
     emit("| budget | min_cut | cuts | LM FLOPs (full) | accuracy | kept | visual tokens entering each layer |")
     emit("|---|---:|---:|---:|---:|---:|---|")
     for budget in budgets:
         for min_cut in (0.0, MIN_CUT):
             r = search_fitprune(stats, budget, costs, min_cut=min_cut)
-            plan = PruningPlan(r.counts, n, make_rule("fitprune"))
-            acc = measure(loaded, plan, held_out, reference=base).accuracy
-            assert acc is not None
-            emit(f"| {budget.text} | {min_cut:g} | {cut_count(r.counts, n)} | {costs.fraction(r.counts, 'full'):.1%} | "
-                 f"{acc.overall:.1%} | {acc.overall / base.accuracy.overall:.1%} | {' '.join(map(str, r.counts))} |")
+            emit(row(budget, f"{min_cut:g}", PruningPlan(r.counts, n, make_rule("fitprune"))))
+    if args.psigmoid_trials:
+        psigmoid_rows(loaded, calib, budgets, costs, args.psigmoid_trials, row, emit)
+
+
+def psigmoid_rows(loaded: Any, calib: Any, budgets: list, costs: Any, trials: int,
+                  row: Callable[[Any, str, Any], str], emit: Callable[[str], None]) -> None:
+    """P-Sigmoid's own search (BO over slope, midpoint, start layer and rule, min_cut as default), then
+    its winning curve with min_cut 0 (every drop of the curve a cut, floor re-fitted to the budget):
+    the same sigmoid and rule, held or not, so the accuracy difference is the hold's alone."""
+    import dataclasses
+    import tempfile
+
+    from recipe_search.methods import psigmoid
+    from recipe_search.methods.cuts import MIN_CUT
+    from recipe_search.pipeline import SearchOptions, search_recipes
+    from recipe_search.runtime.apply import plan_from_recipe
+
+    emit(f"\nP-Sigmoid ({trials} trials per budget, its validated pick), the same curve without the hold:\n")
+    emit("| budget | curve (rule), min_cut | cuts | LM FLOPs (full) | accuracy | kept | visual tokens entering each layer |")
+    emit("|---|---|---:|---:|---:|---:|---|")
+    layers = loaded.adapter.dims().num_layers
+    with tempfile.TemporaryDirectory() as tmp:
+        for budget in budgets:
+            try:
+                (recipe,) = search_recipes(loaded, calib, [budget], method="psigmoid", progress=False,
+                                           options=SearchOptions(n_trials=trials, work_dir=Path(tmp) / budget.text),
+                                           cache_dir=Path(tmp) / "cache").recipes
+            except ValueError as exc:  # e.g. no sigmoid can meet the budget on this model
+                emit(f"| {budget.text} | - | - | - | - | - | no recipe: {exc} |")
+                continue
+            res, start = recipe.method.result, recipe.method.params["start_layer"]
+            held = plan_from_recipe(recipe)
+            label = f"slope {res['slope']:.2f}, midpoint {res['midpoint']:.2f}, start {start} ({recipe.selection.rule})"
+            emit(row(budget, f"{label}, {recipe.method.params.get('min_cut', MIN_CUT):g}", held))
+            plain = psigmoid.fit_proposal(held.visual_tokens, layers, start, res["slope"], res["midpoint"], budget,
+                                          costs, 0.0)
+            if plain is None:
+                emit(f"| {budget.text} | {label}, 0 | - | - | - | - | the curve cannot meet the budget unheld |")
+                continue
+            emit(row(budget, f"{label}, 0", dataclasses.replace(held, counts=tuple(plain[2]))))
 
 
 def main() -> int:
@@ -85,6 +135,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser, calib_samples=64)
     parser.add_argument("--medium-only", action="store_true", help="only the medium model's schedules (seconds)")
+    parser.add_argument("--psigmoid-trials", type=int, default=0,
+                        help="also P-Sigmoid's search with this many trials per budget, its curve held and not (0: off)")
     parser.add_argument("--out", default=None, help="also write the Markdown report here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -223,6 +223,8 @@ def main() -> None:
                     help="question types trained and evaluated on the calib split")
     ap.add_argument("--type-weights", type=float, nargs="+", default=[1.0, 3.0, 1.0, 2.0],
                     help="training mixture of --types, one weight per type")
+    ap.add_argument("--layers", type=int, default=8,
+                    help="decoder layers (8: the shipped demo; e.g. 24 for a deep model, written with --out elsewhere)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--calib-questions", type=int, default=400)
     args = ap.parse_args()
@@ -238,7 +240,7 @@ def main() -> None:
     processor = build.build_processor(tokenizer)
     vocab = Vocab(tokenizer)
     check_layout(vocab, processor)
-    model = build.build_model(tokenizer)
+    model = build.build_model(tokenizer, args.layers)
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,}; threads {args.threads}; seed {args.seed}")
     common.run_stages(model, model.model.vision_tower, lambda: train_vision(model, vocab, args, log),
                       lambda: train_decoder(model, vocab, args, log))

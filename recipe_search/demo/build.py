@@ -85,7 +85,8 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     )
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+def build_config(tokenizer: PreTrainedTokenizerFast, layers: int = 8) -> LlavaConfig:
+    """The demo's architecture; `layers` decoder layers (8 ships; deeper ones measure what depth changes)."""
     vision = CLIPVisionConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -99,7 +100,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=8,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -120,8 +121,8 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
-    model = LlavaForConditionalGeneration(build_config(tokenizer))
+def build_model(tokenizer: PreTrainedTokenizerFast, layers: int = 8) -> LlavaForConditionalGeneration:
+    model = LlavaForConditionalGeneration(build_config(tokenizer, layers))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
