@@ -18,7 +18,8 @@ record's question and answer must match its scene, else the ceiling is refused.
     python scripts/ceiling.py [--model demo|FOLDER] [--budgets 50%,25%,12.5%] [--eval-samples 1000]
                               [--schedules '17,0,0,0,0,0;9,9,0,0,0,0']
 
-`ceiling_rows(spec, budgets)` returns [(budget, accuracy, share of unpruned)] for scripts/bench_quality.py.
+`ceiling_rows(spec, budgets)` returns [(budget, full FLOPs, accuracy, share of unpruned)] for
+scripts/bench_quality.py.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def ceiling_rows(spec: str, budgets: Sequence[Any], eval_samples: int = 1000, ca
                  threads: int | None = 1, loaded: Any = None,
                  schedules: Sequence[tuple[int, ...]] = ()) -> list[tuple[str, float, float, float]]:
     """(budget, full FLOPs share, accuracy, share of unpruned accuracy) of the object oracle on the held-out
-    split of `spec` ("demo" or a scripts/train_second_model.py folder) with the uniform-from-layer-0 schedule
+    split of `spec` ("demo" or a folder of scripts/trained_models.py) with the uniform-from-layer-0 schedule
     of each budget (the counts `search-recipe compare` gives every rule), then with each of `schedules`
     (visual tokens entering each layer; labelled by their counts), e.g. front-loaded ones.
 
@@ -130,10 +131,10 @@ def ceiling_rows(spec: str, budgets: Sequence[Any], eval_samples: int = 1000, ca
     calib, held_out = data_for(spec, calib_samples, eval_samples)
     priorities = [oracle_order(flags) for flags in object_flags(spec, held_out)]
     base = measure(loaded, None, held_out).accuracy.overall
-    work = Path(tempfile.mkdtemp(prefix="ceiling-"))
     texts = ",".join(b if isinstance(b, str) else b.text for b in budgets)
-    outcome = search_recipes(loaded, calib, parse_budgets(texts), method="uniform", cache_dir=work / "cache",
-                             progress=False)
+    with tempfile.TemporaryDirectory(prefix="ceiling-") as work:
+        outcome = search_recipes(loaded, calib, parse_budgets(texts), method="uniform",
+                                 cache_dir=Path(work) / "cache", progress=False)
     layers = len(outcome.recipes[0].schedule.counts)
     for counts in schedules:
         if len(counts) != layers or not all(0 <= c <= outcome.costs.visual_tokens for c in counts):
