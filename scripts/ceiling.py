@@ -162,9 +162,13 @@ def main() -> int:
         schedules = [tuple(int(c) for c in text.split(",")) for text in args.schedules.split(";") if text.strip()]
     except ValueError:
         parser.error(f"--schedules: expected ';'-separated lists of integers, got {args.schedules!r}")
+    try:
+        rows = ceiling_rows(args.model, args.budgets.split(","), args.eval_samples, args.calib_samples,
+                            threads=args.threads, schedules=schedules)
+    except ValueError as exc:  # a schedule of the wrong depth, or a folder the tiles world did not draw
+        parser.error(str(exc))
     print("| budget or schedule | full FLOPs | object oracle accuracy | of unpruned |\n|---|---:|---:|---:|")
-    for label, full, acc, share in ceiling_rows(args.model, args.budgets.split(","), args.eval_samples,
-                                                args.calib_samples, threads=args.threads, schedules=schedules):
+    for label, full, acc, share in rows:
         print(f"| {label} | {full:.1%} | {acc:.1%} | {share:.1%} |", flush=True)
     return 0
 
