@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor,
                           Gemma3TextConfig, PreTrainedTokenizerFast, SiglipVisionConfig)
@@ -277,10 +276,6 @@ def checkpoint(tmp_path_factory, sdpa):
     return folder
 
 
-def _image(seed: int, size: tuple[int, int] = (40, 28)) -> Image.Image:
-    return random_image(seed, size)
-
-
 def test_processor_without_torchvision_gives_model_inputs(checkpoint, sdpa):
     """load_processor rebuilds the saved processor from PIL parts; build_inputs nests the images per
     prompt and gives boi + 16 soft tokens + eoi per image, token types on the soft tokens only."""
@@ -288,7 +283,8 @@ def test_processor_without_torchvision_gives_model_inputs(checkpoint, sdpa):
     processor = type(adapter).load_processor(str(checkpoint))
     assert isinstance(processor.image_processor, Gemma3ImageProcessorPil)
     assert getattr(processor, "video_processor", None) is None
-    inputs = adapter.build_inputs(processor, [[_image(0), _image(1)], _image(2)], ["what colour is it ?", "shape"])
+    images = [random_image(i, (40, 28)) for i in range(3)]
+    inputs = adapter.build_inputs(processor, [images[:2], images[2]], ["what colour is it ?", "shape"])
     ids = inputs["input_ids"]
     assert (ids == IMG).sum(1).tolist() == [2 * N_IMAGE, N_IMAGE]
     assert (ids == BOI).sum(1).tolist() == [2, 1] and (ids == EOI).sum(1).tolist() == [2, 1]
