@@ -172,7 +172,7 @@ def bench_model(spec: str, args: argparse.Namespace, work: Path) -> ModelReport:
 
     try:
         ceilings = ceiling_rows(spec, budgets, eval_samples=args.eval_samples, calib_samples=args.calib_samples,
-                                threads=None, loaded=loaded)
+                                threads=None, loaded=loaded, cache_dir=cache)
     except ValueError as exc:  # a folder whose eval.jsonl the tiles world did not draw
         report.notes.append(f"no ceiling: {exc}")
         ceilings = []

@@ -106,15 +106,16 @@ class ObjectOracleRule(SelectionRule):
 
 
 def ceiling_rows(spec: str, budgets: Sequence[Any], eval_samples: int = 1000, calib_samples: int = 64,
-                 threads: int | None = 1, loaded: Any = None,
-                 schedules: Sequence[tuple[int, ...]] = ()) -> list[tuple[str, float, float, float]]:
+                 threads: int | None = 1, loaded: Any = None, schedules: Sequence[tuple[int, ...]] = (),
+                 cache_dir: Path | None = None) -> list[tuple[str, float, float, float]]:
     """(budget, full FLOPs share, accuracy, share of unpruned accuracy) of the object oracle on the held-out
     split of `spec` ("demo" or a folder of scripts/trained_models.py) with the uniform-from-layer-0 schedule
     of each budget (the counts `search-recipe compare` gives every rule), then with each of `schedules`
     (visual tokens entering each layer; labelled by their counts), e.g. front-loaded ones.
 
     `budgets`: texts such as "50%" or `Budget`s; `loaded`: the model's `LoadedModel` if the caller has
-    one (else it is loaded here); `threads`: torch threads to set (None: leave as is)."""
+    one (else it is loaded here); `threads`: torch threads to set (None: leave as is); `cache_dir`: where
+    the caller keeps this model's calibration statistics (None: a temporary one)."""
     if threads is not None:
         torch.set_num_threads(threads)
     from transformers.utils import logging as hf_logging
@@ -134,7 +135,7 @@ def ceiling_rows(spec: str, budgets: Sequence[Any], eval_samples: int = 1000, ca
     texts = ",".join(b if isinstance(b, str) else b.text for b in budgets)
     with tempfile.TemporaryDirectory(prefix="ceiling-") as work:
         outcome = search_recipes(loaded, calib, parse_budgets(texts), method="uniform",
-                                 cache_dir=Path(work) / "cache", progress=False)
+                                 cache_dir=cache_dir or Path(work) / "cache", progress=False)
     layers = len(outcome.recipes[0].schedule.counts)
     for counts in schedules:
         if len(counts) != layers or not all(0 <= c <= outcome.costs.visual_tokens for c in counts):

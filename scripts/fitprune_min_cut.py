@@ -110,10 +110,10 @@ def psigmoid_rows(loaded: Any, calib: Any, budgets: list, costs: Any, trials: in
     layers = loaded.adapter.dims().num_layers
     with tempfile.TemporaryDirectory() as tmp:
         for budget in budgets:
-            try:
+            try:  # the statistics come from the default cache, where trained() put them
                 (recipe,) = search_recipes(loaded, calib, [budget], method="psigmoid", progress=False,
-                                           options=SearchOptions(n_trials=trials, work_dir=Path(tmp) / budget.text),
-                                           cache_dir=Path(tmp) / "cache").recipes
+                                           options=SearchOptions(n_trials=trials, work_dir=Path(tmp) / budget.text)
+                                           ).recipes
             except ValueError as exc:  # e.g. no sigmoid can meet the budget on this model
                 emit(f"| {budget.text} | - | - | - | - | - | no recipe: {exc} |")
                 continue
