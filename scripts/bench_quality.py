@@ -172,7 +172,7 @@ def bench_model(spec: str, args: argparse.Namespace, work: Path) -> ModelReport:
 
     try:
         ceilings = ceiling_rows(spec, budgets, eval_samples=args.eval_samples, calib_samples=args.calib_samples,
-                                threads=None, loaded=loaded, cache_dir=cache)
+                                threads=None, loaded=loaded, cache_dir=cache, base=report.base_accuracy)
     except ValueError as exc:  # a folder whose eval.jsonl the tiles world did not draw
         report.notes.append(f"no ceiling: {exc}")
         ceilings = []
@@ -284,7 +284,8 @@ def main() -> int:
                         help="comma-separated JSON files of earlier --save runs: report them side by side, measure nothing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here.parent), str(here)]  # the checkout's recipe_search, whatever is installed; trained_models
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

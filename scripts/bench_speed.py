@@ -39,6 +39,14 @@ a small one paid for regrowing the heap). Each row gives the median over rounds,
 CPU time; its speed-up is median bare / median configuration, and "paired" is the median over rounds of
 the speed-up against that round's bare run.
 
+Hardware bound: after each prefill table's rounds, the model's own decoder layers are called directly on
+the first text + count tokens of the bare prefill's layer inputs, for every schedule (causal kernel, no
+hooks, nothing scored or gathered), interleaved with bare forwards; the bare forward minus the full-length
+stack is the rest (vision tower, projector, embeddings, head). "hw bound" = bare / (rest + the schedule's
+stack): the speed-up this machine gives those token counts when choosing them costs nothing, and
+"meas/bound" the share of it a configuration gets. meas/pred = (bound/pred) x (meas/bound): the first factor
+is the hardware's, the second the runtime's and its rule's.
+
 Deep: batch-1 prefills of the same configurations on the same shape at 32 layers (LLaVA-1.5-7B's
 depth; --deep-layers, --deep-rounds): a cut's scoring pass is paid once whatever the depth, so its
 share of the prefill, and the number of cuts FitPrune's schedule makes, depend on it.
@@ -276,10 +284,10 @@ def schedules(adapter: Any, budgets: list[str], picks: dict[str, DemoPick]) -> t
             else:
                 what = (f"P-Sigmoid (BO) on the demo picked slope {pick.curve['slope']:.2f}, midpoint "
                         f"{pick.curve['midpoint']:.2f}, start {pick.curve['start']:.0f} x {rule}")
-            held, way = carried(pick, n, dims.num_layers, budget, costs, MIN_CUT)
-            published, way0 = carried(pick, n, dims.num_layers, budget, costs, 0.0)
-            for name, counts, way, note in ((f"{label} {text}", held, way, f"min_cut {MIN_CUT:g}"),
-                                            (f"{label} {text} (min_cut 0)", published, way0, "min_cut 0")):
+            held, held_way = carried(pick, n, dims.num_layers, budget, costs, MIN_CUT)
+            published, published_way = carried(pick, n, dims.num_layers, budget, costs, 0.0)
+            for name, counts, way, note in ((f"{label} {text}", held, held_way, f"min_cut {MIN_CUT:g}"),
+                                            (f"{label} {text} (min_cut 0)", published, published_way, "min_cut 0")):
                 if counts is None or (note == "min_cut 0" and counts == held):
                     continue
                 out.append(Config(name, counts, f"{what}; carried here: {way}, {note}; FLOPs "
@@ -402,6 +410,63 @@ def interleaved(model: Any, adapter: Any, rows: list[Row], plans: dict[str, Any]
         log(f"  round {r + 1}/{rounds}: bare {bare.wall[-1]:.3f} s")
 
 
+def hardware_bounds(model: Any, adapter: Any, configs: list[Config], inputs: dict, rounds: int,
+                    log: Callable[[str], None]) -> dict[str, float]:
+    """The speed-up this machine gives each schedule when choosing tokens costs nothing: the model's own
+    decoder layers, called directly on the first `text + count` tokens of the bare prefill's inputs to
+    each layer (its rotary tables and positions cut to that length; the causal kernel, as the bare model
+    uses; no hooks), plus the rest of the bare prefill (vision tower, projector, embeddings, final norm,
+    head: the bare forward minus the full-length stack, paired per round). Configurations with the same
+    counts share one timing; the bare forward and every distinct stack are interleaved, `rounds` rounds."""
+    from recipe_search.hooks import CallHook, HookSet
+    from recipe_search.models.base import LayerCall
+
+    layers = list(adapter.decoder_layers())
+    calls: list[tuple[tuple, dict]] = []
+    with torch.no_grad(), HookSet() as hooks:
+        for layer in layers:
+            hooks.add(layer, CallHook(lambda module, args, kwargs: calls.append((args, kwargs))))
+        _forward(model, inputs)
+    reads = [adapter.read_layer_call(*call) for call in calls]
+    if any(r.mask is not None for r in reads):
+        raise RuntimeError("hardware bound: the bare prefill did not use the causal kernel (a mask was passed)")
+    full = (adapter.visual_tokens_per_image(),) * len(layers)
+    stacks = list(dict.fromkeys([full, *(c.counts for c in configs if c.counts is not None)]))
+
+    def stack(counts: tuple[int, ...]) -> None:
+        with torch.no_grad():
+            for layer, (args, kwargs), read, count in zip(layers, calls, reads, counts):
+                m = count + text_tokens()
+                rope = None if read.rope is None else (read.rope[0][:, :m], read.rope[1][:, :m])
+                positions = None if read.position_ids is None else read.position_ids[..., :m]
+                cut_args, cut_kwargs = adapter.write_layer_call(args, kwargs,
+                                                                LayerCall(read.hidden[:, :m], rope, positions, None))
+                layer(*cut_args, **cut_kwargs)
+
+    def clock(fn: Callable[[], Any]) -> float:
+        gc.disable()
+        try:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        finally:
+            gc.enable()
+
+    bare: list[float] = []
+    seconds: dict[tuple[int, ...], list[float]] = {c: [] for c in stacks}
+    for counts in stacks:
+        stack(counts)  # warm-up
+    for r in range(rounds):
+        order = stacks[r % len(stacks):] + stacks[:r % len(stacks)]
+        bare.append(clock(lambda: _forward(model, inputs)))
+        for counts in (order if r % 2 == 0 else order[::-1]):
+            seconds[counts].append(clock(lambda c=counts: stack(c)))
+        log(f"  hardware bound, round {r + 1}/{rounds}: bare {bare[-1]:.3f} s")
+    rest = statistics.median(b - s for b, s in zip(bare, seconds[full]))
+    base = rest + statistics.median(seconds[full])
+    return {c.name: base / (rest + statistics.median(seconds[c.counts])) for c in configs if c.counts is not None}
+
+
 def cut_count(counts: tuple[int, ...] | None, visual_tokens: int) -> int:
     """Layers where the count drops (each pays one scoring pass of the rule)."""
     return sum(1 for i, c in enumerate(counts or ()) if c < (counts[i - 1] if i else visual_tokens))
@@ -449,12 +514,19 @@ def prefill_section(model: Any, adapter: Any, configs: list[Config], plans: dict
     rows = [Row(c, [], []) for c in timed_configs]
     log(f"prefill{label}, batch {batch}: {len(rows)} configurations x {rounds} rounds")
     interleaved(model, adapter, rows, plans, lambda: _forward(model, inputs), rounds, log)
-    lines, ratios = prefill_table(rows)
+    hardware = hardware_bounds(model, adapter, timed_configs, inputs, rounds, log)
+    lines, ratios = prefill_table(rows, hardware)
     emit()
     emit(f"## Prefill{label}, batch {batch} ({rounds} interleaved rounds; wall clock, CPU time alongside)")
     emit()
     for line in lines:
         emit(line)
+    emit()
+    emit("'hw bound' is the speed-up the same token counts get from this machine when choosing them costs nothing: "
+         "the model's own layers called on that many tokens (causal kernel, no hooks) plus the rest of the bare "
+         "prefill (`hardware_bounds`); 'meas/bound' divides the measured speed-up by it. Where the bound is below "
+         "the FLOPs prediction, the hardware does not give the FLOPs ratio (fewer rows per matrix product); where "
+         "a configuration is below its bound, the runtime and its rule spend the difference.")
     median = {r.config.name: statistics.median(r.wall) for r in rows}
     emit_twins(emit, twins(rows, " (random rule)"),
                "What the FitPrune rule's selection costs (its row minus the same schedule with the random rule; "
@@ -476,14 +548,18 @@ def prefill_section(model: Any, adapter: Any, configs: list[Config], plans: dict
         if name in ratios:
             floors[f"{key} {name} meas/pred"] = ratios[name]
             floors[f"{key} {name} meas/pred cpu"] = ratios[name + " cpu"]
+            floors[f"{key} {name} meas/bound"] = ratios[name + " bound"]
+            floors[f"{key} {name} bound/pred"] = ratios[name + " bound/pred"]
 
 
-def prefill_table(rows: list[Row]) -> tuple[list[str], dict[str, float]]:
+def prefill_table(rows: list[Row], hardware: dict[str, float]) -> tuple[list[str], dict[str, float]]:
+    """The table's lines and, per configuration, measured / predicted (wall; "<name> cpu": CPU time), time in
+    hooks / bare ("<name> hooks"), measured / hardware bound ("<name> bound"), bound / predicted."""
     bare = rows[0]
     med_bare, cpu_bare = statistics.median(bare.wall), statistics.median(bare.cpu)
     lines = [("| configuration | median ms | min | max | in hooks ms | speed-up | paired | predicted | meas/pred | "
-              "CPU speed-up | CPU meas/pred |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "CPU speed-up | CPU meas/pred | hw bound | meas/bound |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ratios: dict[str, float] = {}
     for row in rows:
         med, cpu = statistics.median(row.wall), statistics.median(row.cpu)
@@ -494,10 +570,13 @@ def prefill_table(rows: list[Row]) -> tuple[list[str], dict[str, float]]:
         ratios[row.config.name] = speed / pred
         ratios[row.config.name + " cpu"] = cpu_speed / pred
         ratios[row.config.name + " hooks"] = statistics.median(row.hooks) / med_bare
+        bound = hardware.get(row.config.name, 1.0)
+        ratios[row.config.name + " bound"] = speed / bound
+        ratios[row.config.name + " bound/pred"] = bound / pred
         lines.append(f"| {row.config.name} | {med * 1000:.0f} | {min(row.wall) * 1000:.0f} | {max(row.wall) * 1000:.0f} | "
                      f"{statistics.median(row.hooks) * 1000:.2f} | "
                      f"{speed:.3f}x | {paired:.3f}x | {pred:.3f}x | {speed / pred:.3f} | {cpu_speed:.3f}x | "
-                     f"{cpu_speed / pred:.3f} |")
+                     f"{cpu_speed / pred:.3f} | {bound:.3f}x | {speed / bound:.3f} |")
     return lines, ratios
 
 
@@ -647,6 +726,41 @@ def profile(model: Any, adapter: Any, plans: dict[str, Any], fn: Callable[[], An
         emit("```")
 
 
+def rule_ops(model: Any, adapter: Any, counts: tuple[int, ...], batch: int, emit: Callable[[str], None],
+             top: int = 12) -> None:
+    """What the FitPrune rule adds to a prefill, by operator: torch.profiler self CPU time of one forward with
+    `counts` selected by the FitPrune rule minus the same schedule with the random rule (no scoring), after a
+    warm-up each. The rows say where its selection spends: projections of the tokens it drops (`mm`), rotary
+    and copies, and the attention rows it reads (`bmm`, softmax, masks)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from recipe_search.runtime import PruningHandle
+
+    inputs = make_inputs(batch)
+    self_ms: dict[str, dict[str, tuple[float, int]]] = {}
+    for rule in ("fitprune", "random"):
+        with PruningHandle(model, plan_for(counts, adapter.visual_tokens_per_image(), rule), adapter):
+            _forward(model, inputs)
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                _forward(model, inputs)
+        self_ms[rule] = {e.key: (e.self_cpu_time_total / 1000, e.count) for e in prof.key_averages()}
+    total = {rule: sum(ms for ms, _ in ops.values()) for rule, ops in self_ms.items()}
+    diff = sorted(((self_ms["fitprune"].get(k, (0.0, 0))[0] - self_ms["random"].get(k, (0.0, 0))[0], k)
+                   for k in set(self_ms["fitprune"]) | set(self_ms["random"])), reverse=True)
+    emit(f"\n## What the FitPrune rule adds, by operator (batch {batch}, schedule {' '.join(map(str, counts))}, "
+         "one forward under torch.profiler, self CPU ms)")
+    emit("")
+    emit(f"FitPrune rule {total['fitprune']:.0f} ms, random rule {total['random']:.0f} ms: "
+         f"{total['fitprune'] - total['random']:.0f} ms more.")
+    emit("")
+    emit("| operator | FitPrune rule ms (calls) | random rule ms (calls) | difference ms |")
+    emit("|---|---:|---:|---:|")
+    for delta, key in diff[:top]:
+        (a, na), (b, nb) = self_ms["fitprune"].get(key, (0.0, 0)), self_ms["random"].get(key, (0.0, 0))
+        emit(f"| {key} | {a:.1f} ({na}) | {b:.1f} ({nb}) | {delta:+.1f} |")
+
+
 def layer_efficiency(emit: Callable[[str], None], rounds: int = 7) -> None:
     """Multiply-adds per CPU second of one Llama decoder layer (sdpa) at the token counts the schedules leave (616 =
     576 visual + 40 text, 321 ~ 50 %, 164 ~ 25 %, 83 ~ 12.5 %), for LM widths 1024 / 1536 / 2048, interleaved."""
@@ -686,6 +800,43 @@ def layer_efficiency(emit: Callable[[str], None], rounds: int = 7) -> None:
         emit(f"| {hidden} | " + " | ".join(f"{rate[n]:.1f} ({rate[n] / rate[616]:.2f})" for n in tokens) + " |")
 
 
+def mask_cost(emit: Callable[[str], None], rounds: int = 7) -> None:
+    """CPU time of one hidden-1024 Llama decoder layer (sdpa, batch 1) with no mask (the causal kernel, as the
+    bare prefill and dropping plans run) against the same causal pattern passed as an additive float mask
+    (as plans that merge pass it, to carry each survivor's log(mass)), interleaved."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import (
+        LlamaDecoderLayer,
+        LlamaRotaryEmbedding,
+    )
+
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2752, num_attention_heads=16, num_key_value_heads=16,
+                      num_hidden_layers=1)
+    cfg._attn_implementation = "sdpa"
+    layer, rotary = LlamaDecoderLayer(cfg, 0).eval(), LlamaRotaryEmbedding(cfg)
+    tokens = [616, 336, 200, 83]
+    seconds: dict[tuple[int, bool], list[float]] = {(n, m): [] for n in tokens for m in (False, True)}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for n in tokens:
+                x, pos = torch.randn(1, n, 1024), torch.arange(n)[None]
+                rope = rotary(x, pos)
+                float_mask = torch.full((n, n), float("-inf")).triu_(1)[None, None]
+                for masked in (False, True):
+                    mask = float_mask if masked else None
+                    layer(x, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+                    start = time.process_time()
+                    layer(x, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+                    seconds[(n, masked)].append(time.process_time() - start)
+    emit(f"\n## One decoder layer, causal kernel vs a float mask (hidden 1024, batch 1, CPU ms, median of {rounds})")
+    emit("")
+    emit("| tokens | no mask (causal kernel) | float causal mask | mask / causal |")
+    emit("|---:|---:|---:|---:|")
+    for n in tokens:
+        plain, masked = (statistics.median(seconds[(n, m)]) for m in (False, True))
+        emit(f"| {n} | {plain * 1000:.1f} | {masked * 1000:.1f} | {masked / plain:.3f} |")
+
+
 def run_profile(args: argparse.Namespace, emit: Callable[[str], None]) -> None:
     from recipe_search.calibration import demo_samples
     from recipe_search.demo import demo_checkpoint
@@ -695,6 +846,7 @@ def run_profile(args: argparse.Namespace, emit: Callable[[str], None]) -> None:
     from recipe_search.runtime.apply import plan_from_recipe
 
     layer_efficiency(emit)
+    mask_cost(emit)
     model = build_model(args.layers)
     adapter = get_adapter(model)
     n = adapter.visual_tokens_per_image()
@@ -712,6 +864,8 @@ def run_profile(args: argparse.Namespace, emit: Callable[[str], None]) -> None:
               plan_from_recipe(load_recipe(recipe))}
     emit(f"\n## Profile: demo model, batch 16 (the search-recipe timing batch), {10 * args.profile_repeats} forwards")
     profile(demo, dadapter, dplans, lambda: _forward(demo, dinputs), 10 * args.profile_repeats, args.profile_top, emit)
+    fit25 = next(c for c in configs if c.name == "fitprune 25%")
+    rule_ops(model, adapter, fit25.counts, 8, emit)
     steps = 32
     fit = next(c for c in configs if c.name == "fitprune 50%")
     for batch in (1, 8):
@@ -1011,13 +1165,13 @@ def main() -> int:
         grown = per_token * batch * args.decode_tokens / 2  # the cache grows by one token per step
         # DynamicCache appends with torch.cat: each step reads and rewrites the whole cache, then attention reads it
         step_bytes = {name: weights + 3 * (kv[name] + grown) for name in rates}
-        for name in rates:
+        for name, rate in rates.items():
             ratio = kv[name] / kv["bare"]
-            speed = statistics.median(rates[name]) / base
+            speed = statistics.median(rate) / base
             bound = step_bytes["bare"] / step_bytes[name]
-            gbs = step_bytes[name] * statistics.median(rates[name]) / batch / 1e9
-            emit(f"| {batch} | {name} | {kv[name] / 2**20:.1f} | {ratio:.3f} | {statistics.median(rates[name]):.1f} | "
-                 f"{min(rates[name]):.1f} | {max(rates[name]):.1f} | {speed:.3f}x | "
+            gbs = step_bytes[name] * statistics.median(rate) / batch / 1e9
+            emit(f"| {batch} | {name} | {kv[name] / 2**20:.1f} | {ratio:.3f} | {statistics.median(rate):.1f} | "
+                 f"{min(rate):.1f} | {max(rate):.1f} | {speed:.3f}x | "
                  f"{'' if name == 'bare' else f'{0.8 / ratio:.3f}x'} | {step_bytes[name] / 2**20:.0f} | {bound:.3f}x | "
                  f"{speed / bound:.3f} | {gbs:.1f} | {max(peaks[name]):.0f} |")
             if name != "bare":
@@ -1064,6 +1218,10 @@ def main() -> int:
             floor, text = "<= 2 %", f"{value:.3%}"
         elif "overhead" in key:
             floor, text = "<= 2 % (difference of two noisy medians)", f"{value:+.1%}"
+        elif "bound/pred" in key:
+            floor, text = "none: what this machine gives the FLOPs ratio (hw bound / predicted)", f"{value:.3f}"
+        elif "meas/bound" in key:
+            floor, text = "none: the share of that bound the configuration gets", f"{value:.3f}"
         elif "meas/pred" in key and "psigmoid" in key:
             floor, text = "none (the floor is for the default and FitPrune)", f"{value:.3f}"
         elif "meas/pred" in key:

@@ -107,7 +107,7 @@ class ObjectOracleRule(SelectionRule):
 
 def ceiling_rows(spec: str, budgets: Sequence[Any], eval_samples: int = 1000, calib_samples: int = 64,
                  threads: int | None = 1, loaded: Any = None, schedules: Sequence[tuple[int, ...]] = (),
-                 cache_dir: Path | None = None) -> list[tuple[str, float, float, float]]:
+                 cache_dir: Path | None = None, base: float | None = None) -> list[tuple[str, float, float, float]]:
     """(budget, full FLOPs share, accuracy, share of unpruned accuracy) of the object oracle on the held-out
     split of `spec` ("demo" or a folder of scripts/trained_models.py) with the uniform-from-layer-0 schedule
     of each budget (the counts `search-recipe compare` gives every rule), then with each of `schedules`
@@ -115,7 +115,8 @@ def ceiling_rows(spec: str, budgets: Sequence[Any], eval_samples: int = 1000, ca
 
     `budgets`: texts such as "50%" or `Budget`s; `loaded`: the model's `LoadedModel` if the caller has
     one (else it is loaded here); `threads`: torch threads to set (None: leave as is); `cache_dir`: where
-    the caller keeps this model's calibration statistics (None: a temporary one)."""
+    the caller keeps this model's calibration statistics (None: a temporary one); `base`: the unpruned
+    model's accuracy on the same held-out samples if the caller measured it (None: measured here)."""
     if threads is not None:
         torch.set_num_threads(threads)
     from transformers.utils import logging as hf_logging
@@ -131,7 +132,8 @@ def ceiling_rows(spec: str, budgets: Sequence[Any], eval_samples: int = 1000, ca
     loaded = loaded if loaded is not None else load("demo" if spec == "demo" else str(Path(spec).expanduser()))
     calib, held_out = data_for(spec, calib_samples, eval_samples)
     priorities = [oracle_order(flags) for flags in object_flags(spec, held_out)]
-    base = measure(loaded, None, held_out).accuracy.overall
+    if base is None:
+        base = measure(loaded, None, held_out).accuracy.overall
     texts = ",".join(b if isinstance(b, str) else b.text for b in budgets)
     with tempfile.TemporaryDirectory(prefix="ceiling-") as work:
         outcome = search_recipes(loaded, calib, parse_budgets(texts), method="uniform",
