@@ -444,13 +444,7 @@ def hardware_bounds(model: Any, adapter: Any, configs: list[Config], inputs: dic
                 layer(*cut_args, **cut_kwargs)
 
     def clock(fn: Callable[[], Any]) -> float:
-        gc.disable()
-        try:
-            start = time.perf_counter()
-            fn()
-            return time.perf_counter() - start
-        finally:
-            gc.enable()
+        return timed(model, adapter, None, fn)[0]  # wall seconds, nothing attached
 
     bare: list[float] = []
     seconds: dict[tuple[int, ...], list[float]] = {c: [] for c in stacks}
