@@ -1,22 +1,13 @@
 """scripts/bench_quality.py's comparison of the default with "the best single pair" (issue 9's floor)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_quality.py"
 
-
-def _bench_quality():
-    """scripts/bench_quality.py imported as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_quality", module)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def bq(script_module):
+    return script_module("bench_quality")
 
 
 def _answers(p: float, n: int, seed: int) -> str:
@@ -24,12 +15,11 @@ def _answers(p: float, n: int, seed: int) -> str:
     return "".join("1" if x else "0" for x in (torch.rand(n, generator=gen) < p).tolist())
 
 
-def test_held_out_gap_removes_the_maximum_s_bias():
+def test_held_out_gap_removes_the_maximum_s_bias(bq):
     """Twenty pairs no better than the default, over 100 independent sets of 1,000 questions: the best of
     them measured on the same questions looks ahead of the default (selection alone), a pair picked on
     one half and measured on the other does not, on average (one set's estimate is as noisy as its
     paired interval, so the test averages over sets)."""
-    bq = _bench_quality()
     n, sets = 1000, 100
     biased, unbiased = [], []
     for k in range(sets):
@@ -41,10 +31,9 @@ def test_held_out_gap_removes_the_maximum_s_bias():
     assert abs(sum(unbiased) / sets) < 0.006
 
 
-def test_held_out_gap_finds_a_really_better_pair():
+def test_held_out_gap_finds_a_really_better_pair(bq):
     """One pair answers 5 points more right than the default and the rest: it is picked on either half,
     and the gap is its true lead."""
-    bq = _bench_quality()
     n = 2000
     default = _answers(0.6, n, seed=0)
     better = "".join("1" if i % 20 == 0 else c for i, c in enumerate(default))  # + every 20th question
@@ -53,8 +42,7 @@ def test_held_out_gap_finds_a_really_better_pair():
     assert abs(bq.held_out_gap(default, pairs) + lead) < 0.005
 
 
-def test_held_out_gap_needs_per_question_results():
-    bq = _bench_quality()
+def test_held_out_gap_needs_per_question_results(bq):
     assert bq.held_out_gap("", ["101"]) is None
     assert bq.held_out_gap("101", ["10"]) is None
     assert bq.held_out_gap("101", []) is None

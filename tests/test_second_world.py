@@ -3,10 +3,7 @@ deterministic, its splits never share a layout, answers are balanced, and the Qw
 builds runs a forward through its own processor (no training here)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +11,10 @@ import torch
 
 from recipe_search.demo import world2
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_second_model.py"
-
 
 @pytest.fixture(scope="module")
-def script():
-    """scripts/train_second_model.py imported as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_second_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def script(script_module):
+    return script_module("train_second_model")
 
 
 def test_world_is_deterministic_and_prefix_stable():
