@@ -225,6 +225,8 @@ def main() -> None:
                     help="training mixture of --types, one weight per type")
     ap.add_argument("--layers", type=int, default=8,
                     help="decoder layers (8: the shipped demo; e.g. 24 for a deep model, written with --out elsewhere)")
+    ap.add_argument("--backbone", choices=sorted(build.BACKBONES), default="llama",
+                    help="decoder family (llama: the shipped demo; qwen2 for a model unlike it, written with --out elsewhere)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--calib-questions", type=int, default=400)
     args = ap.parse_args()
@@ -240,7 +242,7 @@ def main() -> None:
     processor = build.build_processor(tokenizer)
     vocab = Vocab(tokenizer)
     check_layout(vocab, processor)
-    model = build.build_model(tokenizer, args.layers)
+    model = build.build_model(tokenizer, args.layers, args.backbone)
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,}; threads {args.threads}; seed {args.seed}")
     common.run_stages(model, model.model.vision_tower, lambda: train_vision(model, vocab, args, log),
                       lambda: train_decoder(model, vocab, args, log))

@@ -16,6 +16,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2Config,
 )
 
 from recipe_search.demo import world
@@ -85,8 +86,14 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     )
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast, layers: int = 8) -> LlavaConfig:
-    """The demo's architecture; `layers` decoder layers (8 ships; deeper ones measure what depth changes)."""
+#: decoder families the demo world can be trained on: the shipped Llama, or Qwen2 (biased q/k/v projections,
+#: its own layer code), which measures the search on a backbone unlike the demo's (docs/demo-model.md)
+BACKBONES = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+
+
+def build_config(tokenizer: PreTrainedTokenizerFast, layers: int = 8, backbone: str = "llama") -> LlavaConfig:
+    """The demo's architecture; `layers` decoder layers (8 ships; deeper ones measure what depth changes)
+    and the `backbone` decoder family (Llama ships)."""
     vision = CLIPVisionConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -96,7 +103,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast, layers: int = 8) -> LlavaCo
         patch_size=world.CELL,
         projection_dim=64,
     )
-    text = LlamaConfig(
+    text = BACKBONES[backbone](
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
@@ -121,8 +128,9 @@ def build_config(tokenizer: PreTrainedTokenizerFast, layers: int = 8) -> LlavaCo
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, layers: int = 8) -> LlavaForConditionalGeneration:
-    model = LlavaForConditionalGeneration(build_config(tokenizer, layers))
+def build_model(tokenizer: PreTrainedTokenizerFast, layers: int = 8,
+                backbone: str = "llama") -> LlavaForConditionalGeneration:
+    model = LlavaForConditionalGeneration(build_config(tokenizer, layers, backbone))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
