@@ -22,7 +22,7 @@ def demo():
 
 
 def test_checkpoint_meets_the_floors(demo):
-    model, processor, adapter = demo
+    _model, processor, adapter = demo
     assert adapter.visual_tokens_per_image() >= 144
     assert adapter.dims().num_layers >= 6
     sample = demo_samples("eval", 1).samples[0]
