@@ -85,8 +85,9 @@ def _search_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default="demo", help="calibration data: 'demo', a .jsonl file (\"image\": a path "
                                                    "or a list of paths) or a dataset folder")
     p.add_argument("--num-samples", type=int, default=None,
-                   help="calibration samples (default: 128 for auto, which keeps every other one for validation, "
-                        "64 otherwise); from larger data, a seeded draw stratified by question type or answer")
+                   help="calibration samples (default: 256 for auto, which scores candidates on a quarter of them and "
+                        "picks on the other three quarters, 64 otherwise, G-Search and P-Sigmoid validating on "
+                        "half); from larger data, a seeded draw stratified by question type or answer")
     p.add_argument("--image-folder", default=None,
                    help="folder that --calib's image paths are relative to (default: the data file's folder)")
     p.add_argument("--turns", default="first", choices=["first", "all"],

@@ -60,7 +60,7 @@ class SearchOptions:
     batch_size: int = 16
     images: str = "per-image"           # how several images in one prompt share the schedule
     time_budget: float = 600.0          # auto: seconds for the whole search, over every budget
-    validation_share: float = 0.5       # auto: share of the calibration samples kept for picking only
+    validation_share: float | None = None  # share of the calibration samples kept for picking only (None: the method's)
     merge_threshold: float | None = auto.MERGE_THRESHOLD  # auto: tried beside plain dropping (None: never merge)
     min_cut: float = MIN_CUT            # a layer cuts only when it drops this share of its live tokens (cuts.py)
     progress: Callable[[int, dict[str, Any]], None] | None = field(default=None, compare=False)
@@ -289,7 +289,8 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
 
     `budgets` is ignored (one recipe) for budgetless methods. Methods that score on model outputs
     (auto, G-Search, P-Sigmoid) score on a search part and check on a validation part whose answers
-    no search sees: the two halves of the calibration samples (`options.validation_share`), or
+    no search sees: two parts of the calibration samples (`options.validation_share`, by default the
+    method's: three quarters validate for auto, half for G-Search and P-Sigmoid), or
     `search_set` and the calibration samples when a search set is given. Their recipes record both
     agreements. The attention statistics (no answers in them) come from all calibration samples, so
     every method sees the same statistics and the same costs.
@@ -297,7 +298,8 @@ def search_recipes(loaded: LoadedModel, data: SampleSet, budgets: Sequence[Budge
     spec = METHODS.get(method)
     searched = validation_set = None
     if spec.on_outputs:
-        searched, validation_set = data.split(options.validation_share) if search_set is None else (search_set, data)
+        share = spec.validation_share if options.validation_share is None else options.validation_share
+        searched, validation_set = data.split(share) if search_set is None else (search_set, data)
     if options.metric is None:
         scored = searched or data
         options = replace(options, metric="accuracy" if method == "auto" and scored.has_answers else "agreement")

@@ -16,8 +16,8 @@ full-sequence prefill FLOPs, recipe_search/flops.py):
   ceiling          the uniform schedule keeping the visual tokens that hold objects first: the
                    synthetic world knows them (scripts/ceiling.py), no method can
 and once, without a budget, G-Search (least cost without loss on the search samples).
-Every method sees the same calibration samples (`--calib-samples`, 128 by default; the default
-search splits them into 64 search + 64 validation). Accuracy: greedy first-token answers on the
+Every method sees the same calibration samples (`--calib-samples`, by default the default search's
+256, which it splits into 64 search + 192 validation samples). Accuracy: greedy first-token answers on the
 eval split (`--eval-samples`, 1000); "kept" = pruned / unpruned accuracy. The floors of issue 9
 are checked at the end: default >= 99 / 97 / 92 % kept at 50 / 25 / 12.5 %, within 0.5 points of
 the best single (method, rule) pair, ahead of random and FastV.
@@ -301,11 +301,16 @@ def summary(reports: list[ModelReport], budgets: list[str]) -> str:
 
 
 def main() -> int:
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here.parent), str(here)]  # the checkout's recipe_search, whatever is installed; trained_models
+    from recipe_search.methods import METHODS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="demo", help="comma-separated: 'demo' and/or second-model folders")
     parser.add_argument("--budgets", default="50%,25%,12.5%")
     parser.add_argument("--eval-samples", type=int, default=1000)
-    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-samples", type=int, default=METHODS.get("auto").calibration_samples,
+                        help="calibration samples every method sees (default: the default search's own)")
     parser.add_argument("--trials", type=int, default=48, help="P-Sigmoid trials per budget (default and psigmoid)")
     parser.add_argument("--time-budget", type=float, default=600.0, help="the default search's time budget")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("RECIPE_SEARCH_THREADS", "1")))
@@ -315,8 +320,6 @@ def main() -> int:
                         help="comma-separated JSON files of earlier --save runs: report them side by side, measure nothing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    here = Path(__file__).resolve().parent
-    sys.path[:0] = [str(here.parent), str(here)]  # the checkout's recipe_search, whatever is installed; trained_models
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

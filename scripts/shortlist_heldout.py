@@ -26,10 +26,12 @@ if __package__ in (None, ""):  # run as a script from a checkout
 
 from trained_models import add_model_options, model_and_data  # noqa: E402  (scripts/, beside this file)
 
+from recipe_search.methods import METHODS  # noqa: E402
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_options(parser, calib_samples=128)
+    add_model_options(parser, calib_samples=METHODS.get("auto").calibration_samples)
     parser.add_argument("--validation-share", type=float, default=None,
                         help="share of the calibration samples kept for validation (default: the search's)")
     args = parser.parse_args()

@@ -7,7 +7,7 @@ from recipe_search.budget import parse_budget
 from recipe_search.calibration import DataError, demo_samples
 from recipe_search.demo.world import QUESTION_TYPES
 from recipe_search.flops import CostModel
-from recipe_search.methods import auto, psigmoid, search_fitprune
+from recipe_search.methods import METHODS, auto, psigmoid, search_fitprune
 from recipe_search.methods.cuts import MIN_CUT
 from recipe_search.methods.objective import Evaluation, ScheduleScorer, merit_keys
 from recipe_search.methods.optimizers import (
@@ -37,7 +37,7 @@ def costs(loaded):
 
 @pytest.fixture(scope="module")
 def searched(loaded, tmp_path_factory):
-    """One default search at two budgets on 16 demo samples (8 search, 8 validation)."""
+    """One default search at two budgets on 16 demo samples (4 search, 12 validation: auto's split)."""
     tmp = tmp_path_factory.mktemp("auto")
     options = SearchOptions(n_trials=6, n_startup=3, work_dir=tmp, batch_size=8)
     data = demo_samples("calib", 16)
@@ -115,6 +115,8 @@ def test_winner_is_the_best_validated_candidate_and_recorded(loaded, searched):
     _, outcome = searched
     for recipe in outcome.recipes:
         assert recipe.method.name == "auto"
+        # auto picks on three quarters of its samples (G-Search and P-Sigmoid on half: test_gsearch_...)
+        assert recipe.method.params["validation_samples"] == 12 and recipe.calibration.num_samples == 16
         result = recipe.method.result
         rows = [result["winner"], *result["runners_up"]]
         assert len(rows) >= 2
@@ -131,7 +133,7 @@ def test_recorded_validation_score_is_what_the_recipe_does(loaded, searched):
     """Re-score the written recipe on the validation samples: the runtime plan built from the JSON
     gives exactly the agreement the search recorded for its winner."""
     data, outcome = searched
-    _, validation = data.split(0.5)
+    _, validation = data.split(METHODS.get("auto").validation_share)
     scorer = ScheduleScorer(loaded, validation, make_rule("attention"), "previous", batch_size=8,
                             metric=outcome.recipes[0].method.params["metric"])
     for recipe in outcome.recipes:
